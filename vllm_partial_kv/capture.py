@@ -1,0 +1,152 @@
+"""Activation capture: each attention layer's K/V-projection input rows, written by slot.
+
+A forward hook on the layer's `qkv_proj` calls one custom op. The op is opaque to torch.compile
+and writes with a fixed-address `index_copy_` driven by vLLM's own slot mapping, so it is safe
+inside CUDA graphs: replays write the rows of whatever batch is running. The hooks go in right
+after the model is loaded (before vLLM's profiling run and compilation); the buffers are bound
+later, once the KV cache size is known, and until then the op does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vllm_partial_kv import compat
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
+
+SUPPORTED_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "OPTForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    }
+)
+
+
+@dataclass
+class LayerRecompute:
+    """What recomputing one layer's K/V needs: views of its own weights, never copies."""
+
+    attn: nn.Module  # vLLM's Attention layer (its impl writes the paged cache)
+    qkv_proj: nn.Module
+    q_size: int
+    kv_size: int
+    hidden_size: int
+    k_norm: nn.Module | None
+    rotary_emb: nn.Module | None
+
+    @property
+    def w_k(self) -> torch.Tensor:
+        return self.qkv_proj.weight[self.q_size : self.q_size + self.kv_size]
+
+    @property
+    def w_v(self) -> torch.Tensor:
+        return self.qkv_proj.weight[self.q_size + self.kv_size : self.q_size + 2 * self.kv_size]
+
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        bias = getattr(self.qkv_proj, "bias", None)
+        if bias is None:
+            return None, None
+        q, kv = self.q_size, self.kv_size
+        return bias[q : q + kv], bias[q + kv : q + 2 * kv]
+
+
+_LAYERS: dict[str, LayerRecompute] = {}
+_BUFFERS: dict[str, torch.Tensor] = {}
+
+
+def layers() -> dict[str, LayerRecompute]:
+    return _LAYERS
+
+
+def bind_buffers(buffers: dict[str, torch.Tensor]) -> None:
+    """Activation buffers, [num_slots + 1, hidden] per layer: the spare last row takes padding."""
+    _BUFFERS.clear()
+    _BUFFERS.update(buffers)
+
+
+@torch.library.custom_op("partial_kv::capture", mutates_args=("qkv_out",))
+def capture_op(x: torch.Tensor, qkv_out: torch.Tensor, layer_name: str) -> None:
+    # `qkv_out` is declared mutated (it is not) only so that the compiler keeps this op, in order.
+    buf = _BUFFERS.get(layer_name)
+    if buf is None:
+        return
+    slots = compat.current_slot_mapping(layer_name)
+    if slots is None:
+        return
+    n = min(x.shape[0], slots.shape[0])
+    idx = slots[:n].to(torch.long)
+    idx = torch.where(idx < 0, torch.full_like(idx, buf.shape[0] - 1), idx)
+    buf.index_copy_(0, idx, x[:n].to(buf.dtype))
+
+
+@capture_op.register_fake
+def _(x: torch.Tensor, qkv_out: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+def _hook(layer_name: str):
+    def hook(module: nn.Module, args: tuple, output):
+        out = output[0] if isinstance(output, tuple) else output
+        torch.ops.partial_kv.capture(args[0], out, layer_name)
+
+    return hook
+
+
+def model_supports_capture(hf_config, quantization: str | None) -> bool:
+    archs = set(getattr(hf_config, "architectures", None) or [])
+    return quantization is None and bool(archs) and archs <= SUPPORTED_ARCHITECTURES
+
+
+def install(model: nn.Module, vllm_config) -> None:
+    """Hook every attention block of a freshly loaded model (called by the model-loader wrap)."""
+    from vllm_partial_kv.connector import activations_wanted
+
+    if not activations_wanted(vllm_config):
+        return
+    _LAYERS.clear()
+    for module in model.modules():
+        attn, qkv = getattr(module, "attn", None), getattr(module, "qkv_proj", None)
+        if attn is None or qkv is None or not hasattr(attn, "layer_name"):
+            continue
+        spec = _describe(module, attn, qkv)
+        _LAYERS[attn.layer_name] = spec
+        qkv.register_forward_hook(_hook(attn.layer_name))
+    if not _LAYERS:
+        raise RuntimeError(
+            "partial_kv: no attention block with a qkv_proj found to capture activations from; "
+            "set recompute_ratio=0 to offload plain KV for this model"
+        )
+    logger.info("partial_kv: capturing K/V-projection inputs of %d layers", len(_LAYERS))
+
+
+def _describe(module: nn.Module, attn: nn.Module, qkv: nn.Module) -> LayerRecompute:
+    head = attn.head_size
+    q_size, kv_size = attn.num_heads * head, attn.num_kv_heads * head
+    weight = getattr(qkv, "weight", None)
+    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        raise RuntimeError(f"partial_kv: {attn.layer_name}: qkv_proj weight is quantized or absent")
+    if weight.shape[0] != q_size + 2 * kv_size:
+        raise RuntimeError(
+            f"partial_kv: {attn.layer_name}: qkv_proj has {weight.shape[0]} rows, expected "
+            f"{q_size + 2 * kv_size}"
+        )
+    rotary = getattr(module, "rotary_emb", None)
+    if rotary is not None and not hasattr(rotary, "cos_sin_cache"):
+        raise RuntimeError(f"partial_kv: {attn.layer_name}: unsupported rotary embedding")
+    return LayerRecompute(
+        attn=attn,
+        qkv_proj=qkv,
+        q_size=q_size,
+        kv_size=kv_size,
+        hidden_size=weight.shape[1],
+        k_norm=getattr(module, "k_norm", None),
+        rotary_emb=rotary,
+    )

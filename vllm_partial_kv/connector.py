@@ -1,0 +1,324 @@
+"""`PartialRecomputeConnector`: vLLM's V1 KV-connector API, thin halves over store/restore/planner.
+
+Scheduler half: finds offloaded prefixes by vLLM's block hashes, pins them for the step that
+loads them, and allocates host slots for blocks that fill up (prompt and, by default, decode).
+Worker half: copies finished blocks (K/V and captured activations) to the host after each
+forward, and before a forward restores hit blocks, recomputing the leading ones from activations
+with the split the planner picks for the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
+
+from vllm_partial_kv import capture, compat, planner
+from vllm_partial_kv.config import PartialKVConfig, parse_config
+from vllm_partial_kv.metrics import PartialKVStats
+from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
+from vllm_partial_kv.store import BlockIndex, HostPool, slots_for_budget
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
+
+
+# ------------------------------------------------------------------------------ shared decisions
+def _extra_config(vllm_config) -> dict[str, Any]:
+    return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+
+
+def uses_this_connector(vllm_config) -> bool:
+    kv = getattr(vllm_config, "kv_transfer_config", None)
+    return kv is not None and kv.kv_connector == "PartialRecomputeConnector"
+
+
+def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShape:
+    mc = vllm_config.model_config
+    return planner.ModelShape(
+        num_layers=mc.get_num_layers(vllm_config.parallel_config),
+        hidden_size=mc.get_hidden_size(),
+        num_kv_heads=mc.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=mc.get_head_size(),
+        dtype_bytes=torch.tensor([], dtype=mc.dtype).element_size(),
+        block_size=block_size or vllm_config.cache_config.block_size,
+    )
+
+
+def activations_wanted(vllm_config) -> bool:
+    """Both halves decide this the same way, from configuration alone.
+
+    Activations are kept when a fixed ratio > 0 asks for them, or in auto mode when they are
+    smaller than the K/V they replace (multi-head attention); for grouped-query models they are
+    larger, so recompute from them can only lose and auto mode stores plain K/V.
+    """
+    if not uses_this_connector(vllm_config):
+        return False
+    cfg = parse_config(_extra_config(vllm_config))
+    mc = vllm_config.model_config
+    if not capture.model_supports_capture(mc.hf_config, getattr(mc, "quantization", None)):
+        if cfg.recompute_ratio:
+            logger.warning(
+                "partial_kv: cannot capture activations of %s; offloading plain KV instead",
+                getattr(mc.hf_config, "architectures", "?"),
+            )
+        return False
+    if cfg.wants_activations is not None:
+        return cfg.wants_activations
+    shape = model_shape(vllm_config)
+    return shape.act_bytes_per_token < shape.kv_bytes_per_token
+
+
+def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> int:
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError("PartialRecomputeConnector supports one KV cache group (full attention)")
+    spec = groups[0].kv_cache_spec
+    n_layers = len(groups[0].layer_names)
+    per_block = spec.page_size_bytes * n_layers
+    if with_act:
+        shape = model_shape(vllm_config, spec.block_size)
+        per_block += spec.block_size * shape.act_bytes_per_token * n_layers
+    return slots_for_budget(cfg.cpu_bytes, per_block)
+
+
+# ------------------------------------------------------------------------------ metadata
+@dataclass
+class PartialKVMetadata(compat.KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    store_block_ids: list[int] = field(default_factory=list)
+    store_slots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    request: Any
+    block_ids: list[int] = field(default_factory=list)
+    stored_blocks: int = 0  # leading blocks already stored or known to be in the store
+    load: tuple[int, int] | None = None  # (first block, number of blocks) to restore
+    pinned: list[bytes] = field(default_factory=list)
+    replace_ids: bool = True  # next block ids from the scheduler are the whole list
+
+
+class PartialRecomputeConnector(compat.KVConnectorBase_V1):
+    def __init__(self, vllm_config, role, kv_cache_config=None, **kwargs) -> None:
+        super().__init__(vllm_config, role, kv_cache_config, **kwargs)
+        self.cfg = parse_config(_extra_config(vllm_config))
+        self.with_act = activations_wanted(vllm_config)
+        self.block_size = vllm_config.cache_config.block_size
+        self.is_scheduler = role == compat.KVConnectorRole.SCHEDULER
+        self.runtime: RestoreRuntime | None = None  # worker half, once KV caches exist
+        if self.is_scheduler:
+            self.num_slots = _num_slots(vllm_config, kv_cache_config, self.cfg, self.with_act)
+            self.index = BlockIndex(self.num_slots)
+            self.reqs: dict[str, _Request] = {}
+            self._matched: dict[str, tuple[int, int]] = {}
+            logger.info(
+                "partial_kv: %d host block slots (cpu_bytes=%d), activations %s, ratio %s",
+                self.num_slots, self.cfg.cpu_bytes, "kept" if self.with_act else "not kept",
+                "auto" if self.cfg.recompute_ratio is None else self.cfg.recompute_ratio,
+            )
+        else:
+            self.profile: planner.Profile | None = None
+            self._stats = PartialKVStats()
+            self.totals = PartialKVStats()  # since start-up, for logs and tests
+
+    # ========================================================================== scheduler half
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        hashes = compat.request_block_hashes(request)
+        first = num_computed_tokens // self.block_size
+        hits = self.index.count_prefix_hits(hashes[first:])
+        # vLLM must compute at least one token itself.
+        hits = min(hits, max(0, (request.num_tokens - 1) // self.block_size - first))
+        if hits == 0:
+            return 0, False
+        self._matched[request.request_id] = (first, hits)
+        return hits * self.block_size, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        state = self.reqs.setdefault(request.request_id, _Request(request))
+        state.request = request
+        state.replace_ids = True  # new or resumed after preemption: vLLM sends all its blocks
+        matched = self._matched.pop(request.request_id, None)
+        if num_external_tokens == 0 or matched is None:
+            return
+        first, n = matched
+        hashes = compat.request_block_hashes(request)[first : first + n]
+        state.pinned += hashes
+        self.index.pin(hashes)
+        state.load = (first, n)
+
+    def build_connector_meta(self, scheduler_output) -> PartialKVMetadata:
+        meta = PartialKVMetadata()
+        for req_id, new_ids, resumed in yield_req_data(scheduler_output):
+            state = self.reqs.get(req_id)
+            if state is None:
+                continue
+            if new_ids is not None:
+                ids = list(new_ids[0])
+                replace = resumed or state.replace_ids
+                state.block_ids = ids if replace else state.block_ids + ids
+                state.replace_ids = False
+            if state.load is not None:
+                first, n = state.load
+                hashes = compat.request_block_hashes(state.request)[first : first + n]
+                entries = self.index.lookup(hashes)  # pinned since update_state_after_alloc
+                meta.loads.append(
+                    LoadSpec(
+                        slots=[slot for slot, _ in entries],
+                        block_ids=state.block_ids[first : first + n],
+                        first_position=first * self.block_size,
+                        recompute_blocks=_leading_with_act(entries),
+                    )
+                )
+                state.load = None
+            self._plan_stores(req_id, state, scheduler_output, meta)
+        # Loads of this step are issued before its stores: their slots may be reused now.
+        for state in self.reqs.values():
+            if state.pinned:
+                self.index.unpin(state.pinned)
+                state.pinned = []
+        return meta
+
+    def _plan_stores(self, req_id: str, state: _Request, scheduler_output, meta) -> None:
+        req = state.request
+        done = req.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        if self.cfg.offload_prompt_only:
+            done = min(done, req.num_prompt_tokens)
+        hashes = compat.request_block_hashes(req)
+        full = min(done // self.block_size, len(hashes), len(state.block_ids))
+        for i in range(state.stored_blocks, full):
+            if hashes[i] in self.index:
+                self.index.touch(hashes[i])
+                continue
+            slot = self.index.allocate(hashes[i], self.with_act)
+            if slot is None:
+                break  # every slot pinned by loads in flight: skip, not an error
+            meta.store_block_ids.append(state.block_ids[i])
+            meta.store_slots.append(slot)
+        state.stored_blocks = max(state.stored_blocks, full)
+
+    def request_finished(self, request, block_ids=None) -> tuple[bool, dict | None]:
+        state = self.reqs.pop(request.request_id, None)
+        if state is not None and state.pinned:
+            self.index.unpin(state.pinned)
+        self._matched.pop(request.request_id, None)
+        return False, None
+
+    def reset_cache(self) -> bool:
+        self.index.clear()
+        return True
+
+    # ============================================================================= worker half
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        vllm_config = self._vllm_config
+        kv_cache_config = self._kv_cache_config
+        num_blocks = kv_cache_config.num_blocks
+        layers = capture.layers() if self.with_act else {}
+        if self.with_act and set(layers) != set(kv_caches):
+            raise RuntimeError(
+                "partial_kv: activation capture hooks were not installed for every attention "
+                "layer (is the vllm_partial_kv plugin loaded?)"
+            )
+        device = next(iter(kv_caches.values())).device
+        dtype = vllm_config.model_config.dtype
+        act_buffers = {}
+        if self.with_act:
+            rows = num_blocks * self.block_size + 1
+            act_buffers = {
+                n: torch.zeros(rows, layers[n].hidden_size, dtype=dtype, device=device)
+                for n in kv_caches
+            }
+            capture.bind_buffers(act_buffers)
+        views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
+        num_slots = _num_slots(vllm_config, kv_cache_config, self.cfg, self.with_act)
+        hidden = model_shape(vllm_config).hidden_size
+        pool = HostPool(
+            num_slots, views, (self.block_size, hidden) if self.with_act else None, dtype,
+            pin=device.type == "cuda",
+        )
+        self.runtime = RestoreRuntime(
+            kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
+            self.cfg.max_recompute_tokens, self.cfg.kernel,
+        )
+        self.shape = model_shape(vllm_config)
+        if self.with_act and self.cfg.recompute_ratio is None:
+            self.profile = self._load_profile(device, dtype)
+
+    def _load_profile(self, device: torch.device, dtype: torch.dtype) -> planner.Profile:
+        from vllm_partial_kv import profiler
+        from vllm_partial_kv.kernels import recompute_kv
+
+        def fn(*args, **kwargs):
+            return recompute_kv(*args, backend=self.cfg.kernel, **kwargs)
+
+        return profiler.load_or_measure(
+            self.shape, device=device, recompute_fn=fn, dtype=dtype,
+            cache_dir=self.cfg.profile_cache_dir,
+        )
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
+            return
+        self._choose_split(meta.loads)
+        self.runtime.load(meta.loads)
+
+    def _choose_split(self, loads: list[LoadSpec]) -> None:
+        """Per batch: how many leading blocks of each restore to recompute from activations."""
+        requests = [planner.RestoreRequest(len(s.block_ids), s.recompute_blocks) for s in loads]
+        if not self.with_act:
+            split = [0] * len(loads)
+        else:
+            split = planner.plan_split(
+                self.shape, self.profile, requests, ratio=self.cfg.recompute_ratio,
+                max_recompute_tokens=self.runtime.max_recompute_tokens,
+            )
+        for spec, r in zip(loads, split):
+            spec.recompute_blocks = r
+        logger.debug("partial_kv: restoring %s blocks, recomputing %s", [len(s.block_ids) for s in loads], split)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # the whole restore completes on the stream before the forward starts
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        return  # blocks are stored whole after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, PartialKVMetadata) or self.runtime is None:
+            return
+        self.runtime.store(meta.store_block_ids, meta.store_slots, self.with_act)
+
+    def get_kv_connector_stats(self):
+        if self.runtime is None:
+            return None
+        step = self.runtime.take_stats()
+        self._stats.add(step, self.block_size)
+        self.totals.add(step, self.block_size)
+        if self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, PartialKVStats()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return PartialKVStats(data=data) if data is not None else PartialKVStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from vllm_partial_kv.metrics import PartialKVPromMetrics
+
+        return PartialKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _leading_with_act(entries: list[tuple[int, bool]]) -> int:
+    n = 0
+    for _, has_act in entries:
+        if not has_act:
+            break
+        n += 1
+    return n

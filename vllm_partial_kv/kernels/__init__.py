@@ -1,0 +1,139 @@
+"""Recompute K/V of a token range from a layer's stored input activations straight into vLLM's paged
+KV cache. Triton is imported lazily so this package stays importable without it (and without vLLM)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .reference import FP8_DTYPES, recompute_kv_torch
+
+__all__ = ["recompute_kv", "recompute_kv_torch"]
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CACHE_DTYPES = _INPUT_DTYPES + FP8_DTYPES
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def recompute_kv(
+    x: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor | None,
+    is_neox: bool = True,
+    b_k: torch.Tensor | None = None,
+    b_v: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    k_norm_eps: float = 1e-6,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    backend: str = "auto",
+) -> None:
+    """key_cache[slot] = rope(knorm(x @ w_k.T + b_k)), value_cache[slot] = x @ w_v.T + b_v, per row of x.
+
+    x: [T, hidden]; w_k, w_v: [num_kv_heads * head_size, hidden] (row-slice views of a merged QKV
+    weight are fine); caches: 4-D views [num_blocks, block_size, num_kv_heads, head_size] with any
+    strides; slot_mapping: [T], slot < 0 skips the row; positions: [T]; cos_sin_cache: vLLM's
+    [max_position, rotary_dim] cat(cos, sin) table or None. Scales apply to fp8 caches only.
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    args = (x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, is_neox,
+            b_k, b_v, k_norm_weight, k_norm_eps, k_scale, v_scale)
+    use_triton = _pick_triton(backend, x)
+    _validate(*args, for_triton=use_triton)
+    if x.shape[0] == 0:
+        return
+    if use_triton:
+        from .triton_recompute import recompute_kv_triton
+
+        recompute_kv_triton(*args)
+    else:
+        recompute_kv_torch(*args)
+
+
+def _pick_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    has_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return x.is_cuda and has_triton
+    if not has_triton:
+        raise ValueError("backend='triton' needs the triton package")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    return True
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _validate(x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, is_neox,
+              b_k, b_v, k_norm_weight, k_norm_eps, k_scale, v_scale, *, for_triton: bool) -> None:
+    """Shape/dtype/device checks, all on metadata: no device sync."""
+    tensors = {"x": x, "w_k": w_k, "w_v": w_v, "key_cache": key_cache, "value_cache": value_cache,
+               "slot_mapping": slot_mapping, "positions": positions, "cos_sin_cache": cos_sin_cache,
+               "b_k": b_k, "b_v": b_v, "k_norm_weight": k_norm_weight}
+    for name, t in tensors.items():
+        if t is not None:
+            _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            _require(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+
+    _require(x.dim() == 2, f"x must be [T, hidden], got shape {tuple(x.shape)}")
+    _require(x.dtype in _INPUT_DTYPES, f"x dtype must be one of {_INPUT_DTYPES}, got {x.dtype}")
+    T, hidden = x.shape
+    _require(key_cache.dim() == 4, f"key_cache must be a 4-D [num_blocks, block_size, num_kv_heads, "
+             f"head_size] view, got shape {tuple(key_cache.shape)}")
+    _require(value_cache.shape == key_cache.shape, f"value_cache shape {tuple(value_cache.shape)} != "
+             f"key_cache shape {tuple(key_cache.shape)}")
+    _require(value_cache.dtype == key_cache.dtype, f"cache dtypes differ: {key_cache.dtype} vs {value_cache.dtype}")
+    _require(key_cache.dtype in _CACHE_DTYPES, f"unsupported cache dtype {key_cache.dtype}; "
+             f"supported: {_CACHE_DTYPES}")
+    _, _, num_heads, head_size = key_cache.shape
+    kv_dim = num_heads * head_size
+
+    for name, w in (("w_k", w_k), ("w_v", w_v)):
+        _require(w.shape == (kv_dim, hidden), f"{name} must be [{kv_dim}, {hidden}] "
+                 f"(num_kv_heads*head_size, hidden), got {tuple(w.shape)}")
+        _require(w.dtype == x.dtype, f"{name} dtype {w.dtype} != x dtype {x.dtype}")
+    for name, idx in (("slot_mapping", slot_mapping), ("positions", positions)):
+        _require(idx.shape == (T,), f"{name} must be [{T}], got {tuple(idx.shape)}")
+        _require(idx.dtype in _INDEX_DTYPES, f"{name} must be int32/int64, got {idx.dtype}")
+    for name, b in (("b_k", b_k), ("b_v", b_v)):
+        if b is not None:
+            _require(b.shape == (kv_dim,), f"{name} must be [{kv_dim}], got {tuple(b.shape)}")
+    if k_norm_weight is not None:
+        _require(k_norm_weight.shape == (head_size,), f"k_norm_weight must be [{head_size}], "
+                 f"got {tuple(k_norm_weight.shape)}")
+    if cos_sin_cache is not None:
+        _require(cos_sin_cache.dim() == 2, f"cos_sin_cache must be [max_position, rotary_dim], "
+                 f"got {tuple(cos_sin_cache.shape)}")
+        rot = cos_sin_cache.shape[1]
+        _require(rot % 2 == 0 and 0 < rot <= head_size, f"rotary_dim {rot} must be even and in (0, {head_size}]")
+        _require(cos_sin_cache.is_floating_point(), "cos_sin_cache must be floating point")
+
+    fp8 = key_cache.dtype in FP8_DTYPES
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        _require(s is None or (isinstance(s, (int, float)) and s > 0),
+                 f"{name} must be a positive Python float (a tensor would force a device sync), got {s!r}")
+        if fp8:
+            _require(s is not None, f"fp8 cache ({key_cache.dtype}) needs {name}")
+        else:
+            _require(s is None or s == 1.0, f"{name}={s} given but the cache is {key_cache.dtype}, not fp8")
+
+    if for_triton:
+        for name, t in (("x", x), ("w_k", w_k), ("w_v", w_v), ("cos_sin_cache", cos_sin_cache)):
+            _require(t is None or t.stride(-1) == 1, f"{name} needs unit stride in its last dim for triton")
+        for name, t in (("slot_mapping", slot_mapping), ("positions", positions), ("b_k", b_k),
+                        ("b_v", b_v), ("k_norm_weight", k_norm_weight)):
+            _require(t is None or t.is_contiguous(), f"{name} must be contiguous for triton")

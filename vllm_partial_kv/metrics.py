@@ -1,0 +1,71 @@
+"""Connector stats through vLLM's KV-connector stats mechanism: worker -> scheduler -> the
+OpenAI server's `/metrics` (Prometheus) and the periodic "KV Transfer metrics" log line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_partial_kv.compat import KVConnectorPromMetrics, KVConnectorStats
+
+COUNTERS = {
+    "tokens_stored": "Tokens whose KV (and activations) were copied to the CPU store",
+    "tokens_loaded": "Tokens restored from the CPU store",
+    "tokens_recomputed": "Restored tokens whose K/V were recomputed from activations",
+    "bytes_to_host": "Bytes copied device -> host by stores",
+    "bytes_to_device": "Bytes copied host -> device by restores",
+    "restores": "Restore operations (one per scheduler step with hits)",
+    "restore_seconds": "Time spent restoring (copy + recompute), seconds",
+}
+
+
+@dataclass
+class PartialKVStats(KVConnectorStats):
+    def __post_init__(self) -> None:
+        for key in COUNTERS:
+            self.data.setdefault(key, 0)
+
+    def add(self, step, block_size: int) -> None:
+        d = self.data
+        d["tokens_stored"] += step.stored_blocks * block_size
+        d["tokens_loaded"] += step.loaded_blocks * block_size
+        d["tokens_recomputed"] += step.recomputed_blocks * block_size
+        d["bytes_to_host"] += step.bytes_to_host
+        d["bytes_to_device"] += step.bytes_to_device
+        d["restores"] += len(step.restore_seconds)
+        d["restore_seconds"] += sum(step.restore_seconds)
+
+    def reset(self) -> None:
+        self.data = {key: 0 for key in COUNTERS}
+
+    def aggregate(self, other: KVConnectorStats) -> PartialKVStats:
+        for key in COUNTERS:
+            self.data[key] += other.data.get(key, 0)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.data.items()}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(key) for key in COUNTERS)
+
+
+class PartialKVPromMetrics(KVConnectorPromMetrics):
+    """Counters named `vllm:partial_kv_<what>_total` with vLLM's engine labels."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self.counters: dict[str, dict[int, Any]] = {}
+        for key, doc in COUNTERS.items():
+            counter = self._counter_cls(
+                name=f"vllm:partial_kv_{key}", documentation=doc, labelnames=labelnames
+            )
+            self.counters[key] = {
+                idx: counter.labels(*values) for idx, values in per_engine_labelvalues.items()
+            }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, per_engine in self.counters.items():
+            value = transfer_stats_data.get(key, 0)
+            if value:
+                per_engine[engine_idx].inc(value)

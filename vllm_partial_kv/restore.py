@@ -1,0 +1,260 @@
+"""Runs a step's stores and restores on the worker.
+
+Restore pipeline (CUDA), per layer l, on two side streams:
+    copy stream:    activations of the recomputed blocks -> staging[l % 2], then K/V of the
+                    streamed blocks -> their paged blocks
+    compute stream: wait for layer l's activations, recompute K/V into the paged blocks,
+                    release staging[l % 2] for layer l + 2
+so layer l+1's copies overlap layer l's recompute. The forward waits for both streams once.
+On the CPU the same steps run one after the other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vllm_partial_kv import compat
+from vllm_partial_kv.capture import LayerRecompute
+from vllm_partial_kv.store import HostPool
+
+
+@dataclass
+class LoadSpec:
+    """One request's restore: host slots and GPU blocks in block order, from `first_position`."""
+
+    slots: list[int]
+    block_ids: list[int]
+    first_position: int
+    recompute_blocks: int = 0
+
+
+@dataclass
+class StepStats:
+    stored_blocks: int = 0
+    loaded_blocks: int = 0
+    recomputed_blocks: int = 0
+    bytes_to_host: int = 0
+    bytes_to_device: int = 0
+    restore_seconds: list[float] = field(default_factory=list)
+
+
+class _RowCopier:
+    """Copies whole slot-rows between a host tensor and a device tensor (both slot-first)."""
+
+    def __init__(self) -> None:
+        self._memcpy = compat.batched_memcpy()
+
+    def __call__(self, dst: torch.Tensor, dst_idx: list[int], src: torch.Tensor, src_idx: list[int]):
+        if not dst_idx:
+            return
+        if self._memcpy is not None and (dst.is_cuda or src.is_cuda):
+            row = src[0].numel() * src.element_size()
+            if dst.stride(0) * dst.element_size() != row or src.stride(0) * src.element_size() != row:
+                raise ValueError("slot rows must be dense to be copied as bytes")
+            d = torch.tensor(dst_idx, dtype=torch.int64) * row + dst.data_ptr()
+            s = torch.tensor(src_idx, dtype=torch.int64) * row + src.data_ptr()
+            self._memcpy(s, d, torch.full_like(s, row))
+        elif dst.device == src.device:
+            dst.index_copy_(0, torch.tensor(dst_idx, device=dst.device), src[src_idx])
+        else:  # no batched copy available: one copy per row
+            for di, si in zip(dst_idx, src_idx):
+                dst[di].copy_(src[si], non_blocking=True)
+
+
+class RestoreRuntime:
+    def __init__(
+        self,
+        kv_caches: dict[str, torch.Tensor],
+        num_gpu_blocks: int,
+        block_size: int,
+        pool: HostPool,
+        act_buffers: dict[str, torch.Tensor],
+        layers: dict[str, LayerRecompute],
+        max_recompute_tokens: int,
+        kernel: str = "auto",
+    ) -> None:
+        self.kv_caches = kv_caches
+        self.names = list(kv_caches)
+        self.num_gpu_blocks = num_gpu_blocks
+        self.block_size = block_size
+        self.pool = pool
+        self.layers = layers
+        self.kernel = kernel
+        self.gpu_views = {n: compat.block_views(t, num_gpu_blocks) for n, t in kv_caches.items()}
+        # Activation buffers as [num_gpu_blocks, block_size, hidden] block rows.
+        self.act_views = {
+            n: b[: num_gpu_blocks * block_size].view(num_gpu_blocks, block_size, -1)
+            for n, b in act_buffers.items()
+        }
+        self.copy = _RowCopier()
+        self.device = next(iter(kv_caches.values())).device
+        self.cuda = self.device.type == "cuda"
+        self.max_recompute_tokens = max_recompute_tokens - max_recompute_tokens % block_size
+        self.staging: list[torch.Tensor] = []
+        if self.act_views:
+            hidden = next(iter(self.act_views.values())).shape[-1]
+            dtype = next(iter(self.act_views.values())).dtype
+            n_staging = 2 if self.cuda else 1
+            self.staging = [
+                torch.empty(
+                    (self.max_recompute_tokens // block_size, block_size, hidden),
+                    dtype=dtype,
+                    device=self.device,
+                )
+                for _ in range(n_staging)
+            ]
+            self._slots_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
+            self._pos_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.compute_stream = torch.cuda.Stream(self.device)
+            self._free = [torch.cuda.Event(), torch.cuda.Event()]
+            self._x_ready = torch.cuda.Event()
+        self.stats = StepStats()
+        self.last_loads: list[LoadSpec] = []  # the latest restore, for logs and tests
+        self._pending_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    # ---------------------------------------------------------------- stores (device -> host)
+    def store(self, block_ids: list[int], slots: list[int], with_activations: bool) -> None:
+        """Copy finished blocks to the host on the current stream: ordered after the forward that
+        wrote them and before any later step that could reuse the GPU blocks."""
+        if not block_ids:
+            return
+        for name in self.names:
+            for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
+                self.copy(dst, slots, src, block_ids)
+            if with_activations and name in self.act_views:
+                self.copy(self.pool.act[name], slots, self.act_views[name], block_ids)
+        self.stats.stored_blocks += len(block_ids)
+        self.stats.bytes_to_host += len(block_ids) * self._slot_bytes(with_activations)
+
+    def _slot_bytes(self, with_activations: bool) -> int:
+        per = sum(t[0].numel() * t.element_size() for v in self.pool.kv.values() for t in v)
+        if with_activations:
+            per += sum(t[0].numel() * t.element_size() for t in self.pool.act.values())
+        return per
+
+    # ---------------------------------------------------------------- restores (host -> device)
+    def load(self, loads: list[LoadSpec]) -> None:
+        if not loads:
+            return
+        self.last_loads = loads
+        rc_slots, rc_blocks, positions = [], [], []
+        kv_slots, kv_blocks = [], []
+        for spec in loads:
+            r = spec.recompute_blocks
+            rc_slots += spec.slots[:r]
+            rc_blocks += spec.block_ids[:r]
+            kv_slots += spec.slots[r:]
+            kv_blocks += spec.block_ids[r:]
+            if r:
+                positions.append(torch.arange(spec.first_position, spec.first_position + r * self.block_size))
+        n_rc = len(rc_blocks) * self.block_size
+        if n_rc > self.max_recompute_tokens:
+            raise ValueError(f"{n_rc} recompute tokens exceed the staging capacity {self.max_recompute_tokens}")
+        if n_rc and not self.layers:
+            raise RuntimeError("recompute requested but no activations are captured")
+        if n_rc:
+            blocks = torch.tensor(rc_blocks, dtype=torch.long)
+            slot_map = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+            self._slots_buf[:n_rc].copy_(slot_map, non_blocking=True)
+            self._pos_buf[:n_rc].copy_(torch.cat(positions), non_blocking=True)
+        if self.cuda:
+            self._load_pipelined(rc_slots, kv_slots, kv_blocks, n_rc)
+        else:
+            t0 = time.perf_counter()
+            for name in self.names:
+                self._copy_kv(name, kv_slots, kv_blocks)
+                if n_rc:
+                    self.copy(self.staging[0], list(range(len(rc_slots))), self.pool.act[name], rc_slots)
+                    self._recompute(name, self.staging[0].view(-1, self.staging[0].shape[-1])[:n_rc], n_rc)
+            self.stats.restore_seconds.append(time.perf_counter() - t0)
+        self.stats.loaded_blocks += len(kv_blocks) + len(rc_blocks)
+        self.stats.recomputed_blocks += len(rc_blocks)
+        kv_bytes = sum(t[0].numel() * t.element_size() for v in self.pool.kv.values() for t in v)
+        act_bytes = sum(t[0].numel() * t.element_size() for t in self.pool.act.values())
+        self.stats.bytes_to_device += len(kv_blocks) * kv_bytes + len(rc_blocks) * act_bytes
+
+    def _load_pipelined(self, rc_slots, kv_slots, kv_blocks, n_rc: int) -> None:
+        main = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        main.record_event(start)
+        self.copy_stream.wait_stream(main)  # after earlier stores into the same host slots
+        self.compute_stream.wait_stream(main)
+        staged_rows = list(range(len(rc_slots)))
+        for layer, name in enumerate(self.names):
+            slot = layer % 2
+            with torch.cuda.stream(self.copy_stream):
+                if n_rc:
+                    if layer >= 2:
+                        self.copy_stream.wait_event(self._free[slot])
+                    self.copy(self.staging[slot], staged_rows, self.pool.act[name], rc_slots)
+                    self.copy_stream.record_event(self._x_ready)
+                self._copy_kv(name, kv_slots, kv_blocks)
+            if n_rc:
+                with torch.cuda.stream(self.compute_stream):
+                    self.compute_stream.wait_event(self._x_ready)
+                    x = self.staging[slot].view(-1, self.staging[slot].shape[-1])[:n_rc]
+                    self._recompute(name, x, n_rc)
+                    self.compute_stream.record_event(self._free[slot])
+        main.wait_stream(self.copy_stream)
+        main.wait_stream(self.compute_stream)
+        main.record_event(end)
+        self._pending_timers.append((start, end))
+
+    def _copy_kv(self, name: str, slots: list[int], blocks: list[int]) -> None:
+        for dst, src in zip(self.gpu_views[name], self.pool.kv[name]):
+            self.copy(dst, blocks, src, slots)
+
+    def _recompute(self, name: str, x: torch.Tensor, n: int) -> None:
+        spec = self.layers[name]
+        slots, positions = self._slots_buf[:n], self._pos_buf[:n]
+        attn = spec.attn
+        heads, head = attn.num_kv_heads, attn.head_size
+        b_k, b_v = spec.biases()
+        use_triton = self.cuda and self.kernel != "torch"
+        if use_triton:
+            from vllm_partial_kv.kernels import recompute_kv
+
+            try:
+                k_view, v_view = compat.kv_cache_views(self.kv_caches[name], self.num_gpu_blocks)
+            except ValueError:
+                use_triton = False
+        if use_triton:
+            rotary = spec.rotary_emb
+            scaled = self.kv_caches[name].element_size() == 1
+            recompute_kv(
+                x, spec.w_k, spec.w_v, k_view, v_view, slots, positions,
+                rotary.cos_sin_cache if rotary is not None else None,
+                is_neox=rotary.is_neox_style if rotary is not None else True,
+                b_k=b_k, b_v=b_v,
+                k_norm_weight=spec.k_norm.weight if spec.k_norm is not None else None,
+                k_norm_eps=spec.k_norm.variance_epsilon if spec.k_norm is not None else 1e-6,
+                k_scale=attn._k_scale_float if scaled else None,
+                v_scale=attn._v_scale_float if scaled else None,
+                backend="triton",
+            )
+            return
+        # Reference path: vLLM's own modules for the norm and RoPE, and the attention backend's
+        # own cache write, so every layout and cache dtype vLLM supports is handled.
+        x = x.to(spec.w_k.dtype)
+        k = F.linear(x, spec.w_k, b_k)
+        v = F.linear(x, spec.w_v, b_v)
+        if spec.k_norm is not None:
+            k = spec.k_norm(k.view(-1, heads, head)).view(-1, heads * head)
+        if spec.rotary_emb is not None:
+            k, _ = spec.rotary_emb.forward_native(positions, k)
+        attn.impl.do_kv_cache_update(
+            attn, k.view(-1, heads, head), v.view(-1, heads, head), self.kv_caches[name], slots
+        )
+
+    def take_stats(self) -> StepStats:
+        done = [(s, e) for s, e in self._pending_timers if e.query()]
+        self._pending_timers = [p for p in self._pending_timers if p not in done]
+        self.stats.restore_seconds += [s.elapsed_time(e) / 1e3 for s, e in done]
+        stats, self.stats = self.stats, StepStats()
+        return stats

@@ -1,0 +1,186 @@
+"""Tiny random Hugging Face models for tests and demos (nothing can be downloaded here).
+
+Random weights give near-tied logits, so greedy tokens can flip under harmless numeric
+differences (bf16 rounding, another attention kernel, a recomputed K). ``peaked=True`` makes
+each next token mostly a fixed function of the current one (a bigram "backbone" in the
+embeddings and lm_head) while the attention layers still move the decision in a fraction of
+the steps: greedy decoding becomes stable, yet still depends on the KV cache, so a broken
+restore changes the output.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+ARCHS = ("llama", "llama2", "opt", "qwen2", "qwen3")
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+ROPE_THETA = 10000.0
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    arch: str,
+    *,
+    peaked: bool = True,
+    seed: int = 0,
+    num_layers: int = 4,
+    hidden_size: int = 256,
+    head_dim: int = 64,
+    vocab_size: int = 1024,
+    dtype: str = "float32",
+    max_position_embeddings: int = 4096,
+) -> Path:
+    """Write config, safetensors weights and a tokenizer for ``arch`` into ``out_dir``.
+
+    float32 is the default because vLLM's CPU build runs it on any x86 (bf16 needs AVX-512
+    there); pass ``dtype="bfloat16"`` for GPU-style runs.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    if hidden_size % head_dim:
+        raise ValueError(f"hidden size {hidden_size} is not a multiple of head_dim {head_dim}")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(vocab_size, seed)
+    tok.save_pretrained(out)
+    cfg = _config(arch, num_layers, hidden_size, head_dim, len(tok), dtype,
+                  max_position_embeddings, tok)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    _randomize(model, gen)
+    if peaked:
+        _peak(model, tok, gen, random.Random(seed))
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    _patch_config(out / "config.json", dtype)
+    return out
+
+
+def _config(arch: str, layers: int, hidden: int, head_dim: int, vocab: int, dtype: str,
+            max_pos: int, tok):
+    """transformers config for ``arch``; untied lm_head so the bigram backbone can differ."""
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config, Qwen3Config
+
+    heads = hidden // head_dim
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, vocab_size=vocab, tie_word_embeddings=False,
+               dtype=dtype, max_position_embeddings=max_pos)
+    if arch == "opt":
+        return OPTConfig(hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, ffn_dim=2 * hidden, do_layer_norm_before=True,
+                         dropout=0.0, architectures=["OPTForCausalLM"], **ids)
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, head_dim=head_dim, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, **ids)
+    gqa = max(1, heads // 2)
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=gqa, architectures=["LlamaForCausalLM"], **common)
+    if arch == "llama2":
+        return LlamaConfig(num_key_value_heads=heads, architectures=["LlamaForCausalLM"], **common)
+    if arch == "qwen2":
+        return Qwen2Config(num_key_value_heads=gqa, architectures=["Qwen2ForCausalLM"],
+                           use_sliding_window=False, **common)
+    return Qwen3Config(num_key_value_heads=gqa, architectures=["Qwen3ForCausalLM"],
+                       attention_bias=False, use_sliding_window=False, **common)
+
+
+def _patch_config(path: Path, dtype: str) -> None:
+    """Add the keys older transformers read (the GPU machine may carry a 4.x release)."""
+    cfg = json.loads(path.read_text())
+    cfg["torch_dtype"] = dtype
+    if "rope_parameters" in cfg:
+        cfg["rope_theta"] = ROPE_THETA
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _randomize(model, gen) -> None:
+    """Seeded weights independent of transformers' init order.
+
+    Norm gains are 1 +- 0.1 and biases small but non-zero, so that code which forgets a
+    gain or a bias (e.g. when recomputing K/V) produces different numbers.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.02 * noise)
+            elif p.dim() == 2:
+                p.copy_(noise / p.shape[-1] ** 0.5)  # unit-gain linear maps
+            else:
+                p.copy_(0.02 * noise)
+
+
+def _peak(model, tok, gen, rng: random.Random, embed_gain: float = 3.0) -> None:
+    """Bigram backbone: lm_head row succ(t) is embedding row t, embeddings strengthened.
+
+    ``embed_gain`` sets how strongly the current token's embedding dominates the residual
+    stream over the layers' outputs; the layers then change the greedy choice only when they
+    are large in that direction, which leaves wide margins most of the time. Special and
+    non-printable tokens get zero lm_head rows, so they never win (generations keep the
+    requested length) and decoded text re-encodes to the same tokens.
+    """
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    allowed = [i for i in range(vocab) if _printable(tok, i)]
+    targets = list(allowed)
+    rng.shuffle(targets)
+    succ = dict(zip(allowed, targets))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(torch.randn(emb.shape, generator=gen) * embed_gain)
+        unit = emb / emb.norm(dim=1, keepdim=True)
+        head = torch.zeros_like(unit)
+        for src in range(vocab):
+            head[succ.get(src, targets[src % len(targets)])] += unit[src]
+        model.get_output_embeddings().weight.copy_(head)
+
+
+def _printable(tok, token_id: int) -> bool:
+    if token_id in tok.all_special_ids:
+        return False
+    text = tok.decode([token_id])
+    return bool(text) and all(c == "\n" or " " <= c <= "~" for c in text)
+
+
+def _corpus(seed: int) -> list[str]:
+    """Deterministic pseudo-English: words built from syllables, sentences and numbers."""
+    rng = random.Random(seed)
+    syll = [a + b for a in "bcdfghklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(600)]
+    lines = []
+    for _ in range(3000):
+        sent = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
+        tail = rng.choice([".", "!", "?", f" {rng.randint(0, 999)}.", ","])
+        lines.append(sent.capitalize() + tail)
+    return lines
+
+
+def _train_tokenizer(vocab_size: int, seed: int):
+    """Byte-level BPE (any input text encodes) with bos/eos/pad and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD, chat_template=CHAT_TEMPLATE,
+                                   model_max_length=1 << 20)
