@@ -1,0 +1,259 @@
+"""Restore benchmark: vLLM's native CPU offloading vs partial recompute, in one run on one GPU.
+
+For each model shape (random weights, `load_format="dummy"`, token-id prompts) and each system,
+a child process starts vLLM and measures, for the same prompts:
+  cold    a first prefill (which also offloads the blocks),
+  gpu     a GPU prefix-cache hit,
+  cpu     a CPU hit: the GPU prefix cache is reset, so every block is restored from the host.
+The figure of merit is the extra time of a CPU hit over a GPU hit. Partial recompute is swept
+over fixed ratios and "auto" within one engine (the split is chosen per batch on the worker).
+
+    python benchmarks/restore.py --out results/restore.json            # GPU: MHA-7B and GQA-8B
+    python benchmarks/restore.py --smoke                               # CPU: tiny model, CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+    "mha7b": (4096, 32, 32, 32, 11008, 32000),
+    "mha13b": (5120, 40, 40, 40, 13824, 32000),
+    "gqa8b": (4096, 32, 32, 8, 14336, 128256),
+}
+RATIOS = [0.0, 0.25, 0.5, 0.75, 1.0, "auto"]
+
+
+def write_config(root: Path, shape: str) -> Path:
+    hidden, layers, heads, kv_heads, inter, vocab = SHAPES[shape]
+    path = root / shape
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "intermediate_size": inter, "vocab_size": vocab, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", "tie_word_embeddings": False,
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def child(args) -> dict:
+    """One engine: measure cold, GPU-hit and CPU-hit times (per ratio for partial recompute)."""
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    cuda = torch.cuda.is_available()
+    gib = 1 << 30
+    if args.system == "native":
+        kv_cfg = KVTransferConfig(
+            kv_connector="OffloadingConnector", kv_role="kv_both",
+            kv_connector_extra_config={"cpu_bytes_to_use": int(args.cpu_gib * gib)},
+        )
+    else:
+        extra = {"cpu_bytes": int(args.cpu_gib * gib), "recompute_ratio": 1.0,
+                 "max_recompute_tokens": args.seqs * args.tokens}
+        kv_cfg = KVTransferConfig(
+            kv_connector="PartialRecomputeConnector", kv_role="kv_both",
+            kv_connector_module_path="vllm_partial_kv.connector", kv_connector_extra_config=extra,
+        )
+    llm = LLM(
+        args.model, load_format="dummy" if cuda else "auto", skip_tokenizer_init=cuda,
+        dtype="bfloat16" if cuda else "auto", kv_cache_memory_bytes=int(args.gpu_kv_gib * gib),
+        max_model_len=args.tokens + 64, max_num_batched_tokens=max(8192, args.tokens),
+        block_size=16 if cuda else 32, seed=0, enforce_eager=args.eager,
+        kv_transfer_config=kv_cfg,
+    )
+    g = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_token_ids": torch.randint(100, 30000 if cuda else 900, (args.tokens,), generator=g).tolist()}
+               for _ in range(args.seqs)]
+    sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
+
+    def run():
+        llm.generate(prompts, sp, use_tqdm=False)
+        if cuda:
+            torch.cuda.synchronize()
+
+    def cpu_hit():
+        llm.reset_prefix_cache()
+        run()
+
+    out = {"system": args.system, "shape": args.shape, "tokens": args.seqs * args.tokens}
+    out["cold_s"] = _time(run, 1)
+    time.sleep(1.0)
+    run()  # lets asynchronous stores (native) finish and be acknowledged
+    out["gpu_hit_s"] = _time(run, args.repeats)
+    if args.system == "native":
+        cpu_hit()  # warm-up of the load path
+        out["cpu_hit_s"] = _time(cpu_hit, args.repeats)
+        return out
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    worker = get_kv_transfer_group()
+    profile = worker._load_profile(worker.runtime.device, llm.llm_engine.model_config.dtype)
+    out["sweep"] = []
+    for ratio in RATIOS:
+        auto = ratio == "auto"
+        worker.cfg = worker.cfg.__class__(**{**worker.cfg.__dict__, "recompute_ratio": None if auto else ratio})
+        worker.profile = profile
+        cpu_hit()  # warm-up (Triton autotune, first-touch)
+        before = dict(worker.totals.data)
+        t = _time(cpu_hit, args.repeats)
+        loads = worker.runtime.last_loads
+        blocks = sum(len(s.block_ids) for s in loads)
+        recomputed = sum(s.recompute_blocks for s in loads)
+        moved = worker.totals.data["bytes_to_device"] - before["bytes_to_device"]
+        out["sweep"].append({
+            "ratio": ratio, "cpu_hit_s": t, "recompute_fraction": recomputed / max(blocks, 1),
+            "bytes_to_device": moved // args.repeats,
+        })
+    return out
+
+
+def parent(args) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    root = Path(tempfile.mkdtemp(prefix="restore-bench-"))
+    results, t_start = [], time.time()
+    if args.smoke:
+        from vllm_partial_kv.tiny_models import make_tiny_model
+
+        jobs = [("tiny", str(make_tiny_model(root / "tiny", "llama2")), "partial")]
+    else:
+        if not cuda:
+            sys.exit("error: the full benchmark needs a GPU; use --smoke on a CPU machine")
+        jobs = [(s, str(write_config(root, s)), system) for s in args.shapes.split(",")
+                for system in ("native", "partial")]
+    for shape, model, system in jobs:
+        if time.time() - t_start > args.budget_s:
+            print(f"time budget spent: skipping {shape}/{system}", flush=True)
+            continue
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--shape", shape,
+               "--system", system, "--seqs", str(args.seqs), "--tokens", str(args.tokens),
+               "--cpu-gib", str(args.cpu_gib), "--gpu-kv-gib", str(args.gpu_kv_gib),
+               "--repeats", str(args.repeats)] + (["--eager"] if args.eager else [])
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{shape}/{system} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", flush=True)
+            continue
+        res = json.loads(lines[-1][7:])
+        res["child_wall_s"] = round(time.time() - t0, 1)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    report = summarize(results)
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"results": results, "device": _device()}, indent=1))
+        Path(args.out).with_suffix(".md").write_text(report)
+        plot(results, Path(args.out).with_suffix(".png"))
+    if args.smoke and not results:
+        sys.exit(1)
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def summarize(results: list[dict]) -> str:
+    rows = ["| shape | system | ratio | CPU-hit s | GPU-hit s | extra s | vs native | recomputed | GB to GPU |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    native = {r["shape"]: r["cpu_hit_s"] - r["gpu_hit_s"] for r in results if r["system"] == "native"}
+    for r in results:
+        base = native.get(r["shape"])
+        entries = r.get("sweep") or [{"ratio": "-", "cpu_hit_s": r["cpu_hit_s"], "recompute_fraction": 0.0}]
+        for e in entries:
+            extra = e["cpu_hit_s"] - r["gpu_hit_s"]
+            vs = f"{extra / base:.2f}x" if base else "-"
+            gb = f"{e['bytes_to_device'] / 1e9:.2f}" if "bytes_to_device" in e else "-"
+            rows.append(f"| {r['shape']} | {r['system']} | {e['ratio']} | {e['cpu_hit_s']:.3f} | "
+                        f"{r['gpu_hit_s']:.3f} | {extra:.3f} | {vs} | {e['recompute_fraction']:.2f} | {gb} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    native = {r["shape"]: r["cpu_hit_s"] - r["gpu_hit_s"] for r in results if r["system"] == "native"}
+    for r in results:
+        if not r.get("sweep"):
+            continue
+        fixed = [e for e in r["sweep"] if e["ratio"] != "auto"]
+        line, = ax.plot([e["recompute_fraction"] for e in fixed],
+                        [(e["cpu_hit_s"] - r["gpu_hit_s"]) * 1e3 for e in fixed], "o-", label=f"{r['shape']} partial")
+        for e in r["sweep"]:
+            if e["ratio"] == "auto":
+                ax.plot([e["recompute_fraction"]], [(e["cpu_hit_s"] - r["gpu_hit_s"]) * 1e3], "*",
+                        ms=14, color=line.get_color(), label=f"{r['shape']} auto")
+        if r["shape"] in native:
+            ax.axhline(native[r["shape"]] * 1e3, ls="--", color=line.get_color(), label=f"{r['shape']} native")
+    ax.set_xlabel("recomputed fraction r/n")
+    ax.set_ylabel("restore extra time over a GPU hit (ms)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="mha7b,gqa8b")
+    p.add_argument("--seqs", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--cpu-gib", type=float, default=16)
+    p.add_argument("--gpu-kv-gib", type=float, default=12)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--eager", action="store_true", help="skip torch.compile and CUDA graphs")
+    p.add_argument("--budget-s", type=float, default=480, help="stop starting engines after this")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (CI)")
+    p.add_argument("--out")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--system", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.smoke:
+        args.seqs, args.tokens, args.cpu_gib, args.gpu_kv_gib, args.repeats = 2, 512, 0.25, 0.0625, 1
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
