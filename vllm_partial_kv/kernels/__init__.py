@@ -73,67 +73,69 @@ def _pick_triton(backend: str, x: torch.Tensor) -> bool:
     return True
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _validate(x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, is_neox,
               b_k, b_v, k_norm_weight, k_norm_eps, k_scale, v_scale, *, for_triton: bool) -> None:
-    """Shape/dtype/device checks, all on metadata: no device sync."""
-    tensors = {"x": x, "w_k": w_k, "w_v": w_v, "key_cache": key_cache, "value_cache": value_cache,
-               "slot_mapping": slot_mapping, "positions": positions, "cos_sin_cache": cos_sin_cache,
-               "b_k": b_k, "b_v": b_v, "k_norm_weight": k_norm_weight}
-    for name, t in tensors.items():
-        if t is not None:
-            _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            _require(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+    """Shape/dtype/device checks on metadata only (no device sync); messages are built only on failure
+    because this runs once per layer per restore."""
+    named = (("x", x), ("w_k", w_k), ("w_v", w_v), ("key_cache", key_cache), ("value_cache", value_cache),
+             ("slot_mapping", slot_mapping), ("positions", positions), ("cos_sin_cache", cos_sin_cache),
+             ("b_k", b_k), ("b_v", b_v), ("k_norm_weight", k_norm_weight))
+    for name, t in named:
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
-    _require(x.dim() == 2, f"x must be [T, hidden], got shape {tuple(x.shape)}")
-    _require(x.dtype in _INPUT_DTYPES, f"x dtype must be one of {_INPUT_DTYPES}, got {x.dtype}")
+    if x.dim() != 2 or x.dtype not in _INPUT_DTYPES:
+        raise ValueError(f"x must be [T, hidden] of {_INPUT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
     T, hidden = x.shape
-    _require(key_cache.dim() == 4, f"key_cache must be a 4-D [num_blocks, block_size, num_kv_heads, "
-             f"head_size] view, got shape {tuple(key_cache.shape)}")
-    _require(value_cache.shape == key_cache.shape, f"value_cache shape {tuple(value_cache.shape)} != "
-             f"key_cache shape {tuple(key_cache.shape)}")
-    _require(value_cache.dtype == key_cache.dtype, f"cache dtypes differ: {key_cache.dtype} vs {value_cache.dtype}")
-    _require(key_cache.dtype in _CACHE_DTYPES, f"unsupported cache dtype {key_cache.dtype}; "
-             f"supported: {_CACHE_DTYPES}")
-    _, _, num_heads, head_size = key_cache.shape
-    kv_dim = num_heads * head_size
+    if key_cache.dim() != 4:
+        raise ValueError("key_cache must be a 4-D [num_blocks, block_size, num_kv_heads, head_size] view, "
+                         f"got shape {tuple(key_cache.shape)}")
+    if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"value_cache shape/dtype {tuple(value_cache.shape)} {value_cache.dtype} != key_cache "
+                         f"{tuple(key_cache.shape)} {key_cache.dtype}")
+    if key_cache.dtype not in _CACHE_DTYPES:
+        raise ValueError(f"unsupported cache dtype {key_cache.dtype}; supported: {_CACHE_DTYPES}")
+    head_size = key_cache.shape[3]
+    kv_dim = key_cache.shape[2] * head_size
 
     for name, w in (("w_k", w_k), ("w_v", w_v)):
-        _require(w.shape == (kv_dim, hidden), f"{name} must be [{kv_dim}, {hidden}] "
-                 f"(num_kv_heads*head_size, hidden), got {tuple(w.shape)}")
-        _require(w.dtype == x.dtype, f"{name} dtype {w.dtype} != x dtype {x.dtype}")
+        if w.shape != (kv_dim, hidden):
+            raise ValueError(f"{name} must be [{kv_dim}, {hidden}] (num_kv_heads*head_size, hidden), "
+                             f"got {tuple(w.shape)}")
+        if w.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {w.dtype} != x dtype {x.dtype}")
     for name, idx in (("slot_mapping", slot_mapping), ("positions", positions)):
-        _require(idx.shape == (T,), f"{name} must be [{T}], got {tuple(idx.shape)}")
-        _require(idx.dtype in _INDEX_DTYPES, f"{name} must be int32/int64, got {idx.dtype}")
+        if idx.shape != (T,) or idx.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be [{T}] int32/int64, got {tuple(idx.shape)} {idx.dtype}")
     for name, b in (("b_k", b_k), ("b_v", b_v)):
-        if b is not None:
-            _require(b.shape == (kv_dim,), f"{name} must be [{kv_dim}], got {tuple(b.shape)}")
-    if k_norm_weight is not None:
-        _require(k_norm_weight.shape == (head_size,), f"k_norm_weight must be [{head_size}], "
-                 f"got {tuple(k_norm_weight.shape)}")
+        if b is not None and b.shape != (kv_dim,):
+            raise ValueError(f"{name} must be [{kv_dim}], got {tuple(b.shape)}")
+    if k_norm_weight is not None and k_norm_weight.shape != (head_size,):
+        raise ValueError(f"k_norm_weight must be [{head_size}], got {tuple(k_norm_weight.shape)}")
     if cos_sin_cache is not None:
-        _require(cos_sin_cache.dim() == 2, f"cos_sin_cache must be [max_position, rotary_dim], "
-                 f"got {tuple(cos_sin_cache.shape)}")
-        rot = cos_sin_cache.shape[1]
-        _require(rot % 2 == 0 and 0 < rot <= head_size, f"rotary_dim {rot} must be even and in (0, {head_size}]")
-        _require(cos_sin_cache.is_floating_point(), "cos_sin_cache must be floating point")
+        rot = cos_sin_cache.shape[-1]
+        if cos_sin_cache.dim() != 2 or not cos_sin_cache.is_floating_point():
+            raise ValueError(f"cos_sin_cache must be a float [max_position, rotary_dim] table, "
+                             f"got {tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}")
+        if rot % 2 or not 0 < rot <= head_size:
+            raise ValueError(f"rotary_dim {rot} must be even and in (0, {head_size}]")
 
     fp8 = key_cache.dtype in FP8_DTYPES
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        _require(s is None or (isinstance(s, (int, float)) and s > 0),
-                 f"{name} must be a positive Python float (a tensor would force a device sync), got {s!r}")
-        if fp8:
-            _require(s is not None, f"fp8 cache ({key_cache.dtype}) needs {name}")
-        else:
-            _require(s is None or s == 1.0, f"{name}={s} given but the cache is {key_cache.dtype}, not fp8")
+        if s is not None and not (isinstance(s, (int, float)) and s > 0):
+            raise ValueError(f"{name} must be a positive Python float (a tensor would force a device sync), got {s!r}")
+        if fp8 and s is None:
+            raise ValueError(f"fp8 cache ({key_cache.dtype}) needs {name}")
+        if not fp8 and s not in (None, 1.0):
+            raise ValueError(f"{name}={s} given but the cache is {key_cache.dtype}, not fp8")
 
     if for_triton:
         for name, t in (("x", x), ("w_k", w_k), ("w_v", w_v), ("cos_sin_cache", cos_sin_cache)):
-            _require(t is None or t.stride(-1) == 1, f"{name} needs unit stride in its last dim for triton")
+            if t is not None and t.stride(-1) != 1:
+                raise ValueError(f"{name} needs unit stride in its last dim for triton")
         for name, t in (("slot_mapping", slot_mapping), ("positions", positions), ("b_k", b_k),
                         ("b_v", b_v), ("k_norm_weight", k_norm_weight)):
-            _require(t is None or t.is_contiguous(), f"{name} must be contiguous for triton")
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous for triton")

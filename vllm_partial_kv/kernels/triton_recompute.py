@@ -54,7 +54,8 @@ def _kv_tile(x_ptr, w_ptr, b_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
              c_s0, c_s1, c_s2, c_s3, block_size, scale, eps,
              HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
              HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, IS_K: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+             IS_K: tl.constexpr):
     """Project, post-process and scatter one [BLOCK_T, head] tile of K (IS_K) or V."""
     cols = tl.arange(0, HEAD_PAD)
     if IS_K and NEOX and ROT_DIM < HEAD_PAD:
@@ -77,6 +78,8 @@ def _kv_tile(x_ptr, w_ptr, b_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
         k_mask = offs_k < hidden
         xt = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_rows + offs_k[None, :], mask=d_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_F32:  # the Triton interpreter multiplies bf16 operands as their raw uint16 bits
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -95,7 +98,8 @@ def _kv_tile(x_ptr, w_ptr, b_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
     tl.store(ptrs, acc.to(cache_ptr.dtype.element_ty), mask=(slots >= 0)[:, None] & d_mask[None, :])
 
 
-@triton.jit
+# Sizes that change call to call are not specialized on (divisibility, == 1): one binary per config.
+@triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "t_bucket"])
 def _recompute_kv_kernel(
         x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
         T, hidden, num_kv_heads, stride_x, stride_wk, stride_wv, stride_cs,
@@ -104,7 +108,7 @@ def _recompute_kv_kernel(
         t_bucket,  # autotune key only: tune per power-of-two bucket of T, not per T
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
         HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """1-D grid over (token tile, K/V x head), grouped so GROUP_T token tiles share L2."""
     pid = tl.program_id(0)
     num_t = tl.cdiv(T, BLOCK_T)
@@ -120,43 +124,48 @@ def _recompute_kv_kernel(
                  offs_t, pid_n, T, hidden, stride_x, stride_wk, stride_cs,
                  kc_s0, kc_s1, kc_s2, kc_s3, block_size, k_scale, eps,
                  HEAD, HEAD_PAD, ROT_DIM, NEOX, HAS_BK, HAS_KNORM, FP8_MAX, DOT_PRECISION,
-                 BLOCK_T, BLOCK_K, IS_K=True)
+                 DOT_F32, BLOCK_T, BLOCK_K, IS_K=True)
     else:
         _kv_tile(x_ptr, wv_ptr, bv_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
                  offs_t, pid_n - num_kv_heads, T, hidden, stride_x, stride_wv, stride_cs,
                  vc_s0, vc_s1, vc_s2, vc_s3, block_size, v_scale, eps,
                  HEAD, HEAD_PAD, ROT_DIM, NEOX, HAS_BV, False, FP8_MAX, DOT_PRECISION,
-                 BLOCK_T, BLOCK_K, IS_K=False)
+                 DOT_F32, BLOCK_T, BLOCK_K, IS_K=False)
 
 
 def _config(block_t: int, block_k: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_T": block_t, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
 
-# H100 candidates (BLOCK_T, BLOCK_K, warps, stages): 128x128 / 256x128 tiles feed wgmma for large T;
-# 32/64-row tiles give small T enough programs to cover 132 SMs.
+# H100 candidates (BLOCK_T, BLOCK_K, warps, stages): 128-row tiles feed wgmma for large T; 32/64-row
+# tiles give small T enough programs to cover 132 SMs; (64, 64, 8) is the big-tile choice for head 256.
 TUNE_CONFIGS = [
     _config(32, 128, 4, 4),
     _config(64, 64, 4, 4),
     _config(64, 128, 4, 3),
+    _config(64, 64, 8, 4),
     _config(128, 64, 4, 4),
     _config(128, 64, 8, 4),
     _config(256, 64, 8, 3),
 ]
 _SMEM_BUDGET = 200 * 1024
-_MAX_ACC_REGS = 128  # fp32 accumulator registers per thread before spilling
+# fp32 accumulator registers per thread: the RoPE epilogue holds the accumulator twice plus cos/sin,
+# and spills on sm_90 above 64 (measured with ptxas); the plain GEMM epilogue is fine up to 128.
+_MAX_ACC_REGS = {False: 128, True: 64}
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles taller than the T bucket, and ones that would spill or overflow shared memory."""
     args = {**named_args, **kwargs}
-    t_bucket, head_pad, elem = args["t_bucket"], args["HEAD_PAD"], args["x_ptr"].element_size()
+    head_pad, elem = args["HEAD_PAD"], args["x_ptr"].element_size()
+    max_t = max(32, args["t_bucket"] // 2)
+    max_regs = _MAX_ACC_REGS[args["ROT_DIM"] > 0]
 
     def fits(c: triton.Config) -> bool:
         bt, bk = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"]
         regs = bt * head_pad // (32 * c.num_warps)
         smem = c.num_stages * (bt + head_pad) * bk * elem
-        return bt <= max(32, t_bucket // 2) and regs <= _MAX_ACC_REGS and smem <= _SMEM_BUDGET
+        return bt <= max_t and regs <= max_regs and smem <= _SMEM_BUDGET
 
     return [c for c in configs if fits(c)] or [configs[0]]
 
@@ -168,11 +177,14 @@ _tuned_kernel = triton.autotune(
 )(_recompute_kv_kernel)
 
 
-def _fixed_config(T: int, head_pad: int) -> dict:
-    """Small T, and the CPU interpreter, where autotuning would only cost time."""
+def _fixed_config(T: int, head_pad: int, elem: int) -> dict:
+    """Small T, and the CPU interpreter, where autotuning would only cost time: the tallest tile T
+    needs (<= 64 rows), 64 accumulator registers per thread, the widest K step that fits smem."""
     block_t = min(64, max(16, triton.next_power_of_2(T)))
-    block_k = 128 if head_pad <= 128 else 64
-    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3}
+    warps = 8 if block_t * head_pad > 64 * 32 * 4 else 4
+    stages = 3
+    block_k = next(bk for bk in (128, 64, 32, 16) if stages * (block_t + head_pad) * bk * elem <= 160 * 1024)
+    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 
 
 def recompute_kv_triton(
@@ -215,6 +227,7 @@ def recompute_kv_triton(
         "FP8_MAX": float(torch.finfo(key_cache.dtype).max) if fp8 else 0.0,
         # fp32 activations: 3xTF32 keeps fp32 accuracy on tensor cores.
         "DOT_PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
+        "DOT_F32": INTERPRET and x.dtype == torch.bfloat16,
     }
 
     def grid(m: dict) -> tuple[int]:
@@ -222,6 +235,6 @@ def recompute_kv_triton(
 
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         if INTERPRET or T < TUNE_MIN_T:
-            _recompute_kv_kernel[grid](*args, **meta, **_fixed_config(T, meta["HEAD_PAD"]))
+            _recompute_kv_kernel[grid](*args, **meta, **_fixed_config(T, meta["HEAD_PAD"], x.element_size()))
         else:
             _tuned_kernel[grid](*args, **meta)

@@ -1,0 +1,159 @@
+"""Fused K/V recompute vs the unfused path vs the bare GEMM, at real layer shapes on one GPU.
+
+The unfused path is what the plugin would do without the kernel: one cuBLAS GEMM against the merged
+[W_k; W_v], RoPE on K in torch, then a paged-cache write. The bare GEMM is the floor both chase.
+Prints a markdown table (time ratios < 1 mean the fused kernel is faster) and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from vllm_partial_kv.kernels import recompute_kv  # noqa: E402
+from vllm_partial_kv.kernels import triton_recompute  # noqa: E402
+from vllm_partial_kv.kernels.reference import apply_rope  # noqa: E402
+
+SHAPES = {"MHA-7B": (4096, 32, 128), "MHA-13B": (5120, 40, 128), "GQA-8B": (4096, 8, 128)}  # hidden, kv heads, head
+TOKENS = (256, 1024, 4096, 16384, 65536)
+BLOCK_SIZE = 16
+MAX_POSITION = 131072
+DTYPE = torch.bfloat16
+
+CacheWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def cache_writer(device: torch.device) -> tuple[str, CacheWrite]:
+    """vLLM's reshape_and_cache_flash when vLLM is installed, else torch index_copy_."""
+    try:
+        import vllm._C  # noqa: F401  (registers torch.ops._C_cache_ops)
+
+        op = torch.ops._C_cache_ops.reshape_and_cache_flash
+        one = torch.ones((), device=device)
+        return "vllm reshape_and_cache_flash", lambda k, v, kc, vc, s: op(k, v, kc, vc, s, "auto", one, one)
+    except (ImportError, AttributeError, RuntimeError):
+        def write(k, v, kc, vc, s):
+            kc.flatten(0, 1).index_copy_(0, s, k)
+            vc.flatten(0, 1).index_copy_(0, s, v)
+        return "torch index_copy_", write
+
+
+def input_sets(T: int, hidden: int, num_blocks: int, n: int, device: torch.device) -> list[dict]:
+    """Distinct activations, positions and block tables, cycled between timed calls."""
+    sets = []
+    for _ in range(n):
+        blocks = torch.randperm(num_blocks, device=device)[: triton.cdiv(T, BLOCK_SIZE)]
+        t = torch.arange(T, device=device)
+        sets.append({
+            "x": torch.randn(T, hidden, device=device, dtype=DTYPE),
+            "positions": torch.randint(0, MAX_POSITION, (T,), device=device),
+            "slot_mapping": blocks[t // BLOCK_SIZE] * BLOCK_SIZE + t % BLOCK_SIZE,
+        })
+    return sets
+
+
+def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: CacheWrite) -> dict:
+    device = torch.device("cuda")
+    kv_dim = heads * head
+    num_blocks = triton.cdiv(T, BLOCK_SIZE) + 64
+    sets = input_sets(T, hidden, num_blocks, 4 if T <= 4096 else 2, device)
+    w_kv = [torch.randn(2 * kv_dim, hidden, device=device, dtype=DTYPE) * hidden**-0.5 for _ in range(2)]
+    inv_freq = 1.0 / 500000 ** (torch.arange(0, head, 2, device=device, dtype=torch.float32) / head)
+    freqs = torch.outer(torch.arange(MAX_POSITION, device=device, dtype=torch.float32), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DTYPE)
+    kv = torch.zeros(2, num_blocks, BLOCK_SIZE, heads, head, device=device, dtype=DTYPE)
+    gemm_out = torch.empty(T, 2 * kv_dim, device=device, dtype=DTYPE)
+    inputs = list(itertools.product(sets, w_kv))
+
+    def fused(s: dict, w: torch.Tensor) -> None:
+        recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], kv[0], kv[1], s["slot_mapping"], s["positions"], cos_sin,
+                     backend="triton")
+
+    def gemm(s: dict, w: torch.Tensor) -> None:
+        torch.mm(s["x"], w.t(), out=gemm_out)
+
+    def unfused(s: dict, w: torch.Tensor) -> None:
+        gemm(s, w)
+        k = apply_rope(gemm_out[:, :kv_dim].view(T, heads, head), s["positions"], cos_sin, True)
+        write(k, gemm_out[:, kv_dim:].view(T, heads, head), kv[0], kv[1], s["slot_mapping"])
+
+    # Correctness once per shape, before any timing: fused vs the torch backend (fp32 compute).
+    ref = torch.zeros_like(kv)
+    s, w = inputs[0]
+    fused(s, w)
+    recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], ref[0], ref[1], s["slot_mapping"], s["positions"], cos_sin,
+                 backend="torch")
+    rel_err = ((kv.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel_err < 1e-2, f"{name} T={T}: fused vs torch rel error {rel_err:.2e}"
+    del ref
+
+    def timed(fn: Callable[[dict, torch.Tensor], None]) -> float:
+        cycle = itertools.cycle(inputs)
+        return do_bench(lambda: fn(*next(cycle)), return_mode="median")
+
+    times = {"fused": timed(fused), "unfused": timed(unfused), "gemm": timed(gemm)}
+    flops = 2 * T * hidden * 2 * kv_dim
+    return {
+        "shape": name, "hidden": hidden, "kv_heads": heads, "head_size": head, "T": T,
+        **{f"{k}_ms": v for k, v in times.items()},
+        **{f"{k}_tflops": flops / v / 1e9 for k, v in times.items()},
+        "fused_over_gemm": times["fused"] / times["gemm"],
+        "fused_over_unfused": times["fused"] / times["unfused"],
+        "config": str(triton_recompute._tuned_kernel.best_config),
+        "rel_err_vs_torch": rel_err,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| shape | T | fused ms | TFLOP/s | unfused ms | TFLOP/s | GEMM ms | TFLOP/s | fused/GEMM | fused/unfused |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['T']} | {r['fused_ms']:.3f} | {r['fused_tflops']:.0f} | {r['unfused_ms']:.3f} "
+                     f"| {r['unfused_tflops']:.0f} | {r['gemm_ms']:.3f} | {r['gemm_tflops']:.0f} "
+                     f"| {r['fused_over_gemm']:.2f} | {r['fused_over_unfused']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON results path")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernel.py needs a CUDA GPU")
+
+    writer_name, write = cache_writer(torch.device("cuda"))
+    rows = []
+    for name in args.shapes:
+        for T in args.tokens:
+            row = bench_shape(name, *SHAPES[name], T, write)
+            rows.append(row)
+            print(f"{name} T={T}: fused {row['fused_ms']:.3f} ms ({row['fused_tflops']:.0f} TFLOP/s), "
+                  f"GEMM {row['gemm_ms']:.3f} ms, unfused {row['unfused_ms']:.3f} ms, {row['config']}", flush=True)
+            torch.cuda.empty_cache()
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "dtype": str(DTYPE), "block_size": BLOCK_SIZE, "layout": "FlashAttention [2, blocks, 16, H, D]",
+            "rope": "neox, full head", "unfused_cache_write": writer_name, "unfused_rope": "torch (reference.apply_rope)",
+            "timing": "triton.testing.do_bench median, L2 flushed per call, inputs rotated",
+            "ratios": "time ratios: < 1 means the fused kernel is faster"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nunfused = cuBLAS GEMM + torch RoPE + {writer_name}; {meta['device']}, bf16, "
+          f"TFLOP/s counts 2*T*hidden*N per projection; ratios are time ratios (<1: fused faster)\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

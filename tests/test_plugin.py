@@ -1,0 +1,74 @@
+"""Plugin registration, in-process and through vLLM's spawned multi-process engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+
+
+def test_entry_point_registers_connector_idempotently():
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "partial_kv"]
+    register = ep.load()
+    register()
+    register()  # vLLM loads plugins in every process, sometimes twice
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    cls = KVConnectorFactory._registry["PartialRecomputeConnector"]()
+    assert cls.__name__ == "PartialRecomputeConnector"
+
+
+SPAWNED = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    def worker_state(self=None):
+        import os
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+        from vllm_partial_kv import capture
+        return {"pid": os.getpid(), "totals": get_kv_transfer_group().totals.data,
+                "captured_layers": len(capture.layers())}
+
+    if __name__ == "__main__":
+        llm = LLM(sys.argv[1], kv_cache_memory_bytes=32 << 20, block_size=32, max_model_len=1024,
+                  enforce_eager=True, seed=0,
+                  # by name only: resolvable only if the entry point ran in the engine process
+                  kv_transfer_config=KVTransferConfig(
+                      kv_connector="PartialRecomputeConnector", kv_role="kv_both",
+                      kv_connector_extra_config={"cpu_bytes": 64 << 20, "recompute_ratio": 1.0}))
+        sp = SamplingParams(temperature=0, max_tokens=8)
+        prompt = {"prompt_token_ids": [(7 * i) % 900 + 10 for i in range(200)]}
+        first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        llm.reset_prefix_cache()
+        again = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        state = llm.collective_rpc(worker_state)[0]
+        print("RESULT " + json.dumps({"same": list(first) == list(again), "main_pid": __import__("os").getpid(), **state}))
+    """
+)
+
+
+@pytest.mark.spawn
+def test_spawned_engine_registers_connector_and_capture(tiny_model, tmp_path):
+    """With the multi-process engine the plugin must load in the engine-core and worker
+    processes: the connector resolves by name and the worker recomputes from captured inputs."""
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_model("llama2"))],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][7:])
+    assert result["pid"] != result["main_pid"]  # the worker really is another process
+    assert result["captured_layers"] == 4
+    assert result["totals"]["tokens_recomputed"] > 0
+    assert result["same"]
