@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -108,7 +109,8 @@ def test_streaming_only_is_layers_times_copy():
 def test_restore_time_matches_layer_by_layer(layers, kv_heads, bw, latency, ns_per_token, busy, rc, stream):
     shape = ModelShape(layers, 4096, kv_heads, 128, 2, 16)
     profile = Profile(bw, ((1024, 1024 * ns_per_token * 1e-9),), latency, busy)
-    assert restore_time(shape, profile, rc, stream) == pytest.approx(naive_restore_time(shape, profile, rc, stream), rel=1e-9)
+    expected = naive_restore_time(shape, profile, rc, stream)
+    assert restore_time(shape, profile, rc, stream) == pytest.approx(expected, rel=1e-9)
 
 
 # -------------------------------------------------------------------------------- auto split
@@ -136,6 +138,17 @@ def test_slow_gpu_split_matches_closed_form():
     (r,) = plan_split(MHA_7B, profile, [RestoreRequest(1024, 1024)])
     assert 0.2 < k / (c + k - a) < 0.3
     assert r / 1024 == pytest.approx(k / (c + k - a), abs=0.02)
+
+
+@pytest.mark.parametrize("blocks", [1, 7, 64, 81, 1000])
+@pytest.mark.parametrize("layers", [1, 2, 32])
+@pytest.mark.parametrize("profile_of", [h100, slow_gpu])
+def test_split_is_the_exact_optimum_on_smooth_profiles(profile_of, layers, blocks):
+    """Few layers put the optimum away from the copy/recompute balance point: the search must find it."""
+    shape = dataclasses.replace(MHA_7B, num_layers=layers)
+    reqs = [RestoreRequest(blocks, blocks)]
+    (r,) = plan_split(shape, profile_of(shape), reqs)
+    assert cost(shape, profile_of(shape), reqs, r) == pytest.approx(brute_force(shape, profile_of(shape), reqs))
 
 
 def test_busy_gpu_recomputes_less():

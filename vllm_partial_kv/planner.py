@@ -91,7 +91,7 @@ class Profile:
             if tokens <= t:
                 return prev_s + (s - prev_s) * (tokens - prev_t) / (t - prev_t)
             prev_t, prev_s = t, s
-        return prev_s
+        return tokens * prev_s / prev_t
 
     def copy_seconds(self, nbytes: int) -> float:
         """One host->device copy call; nothing to copy costs nothing, even without bandwidth."""
@@ -220,7 +220,7 @@ def _best_total(shape: ModelShape, profile: Profile, num_blocks: int, max_total:
 
     balance = _balance_tokens(shape, profile, num_blocks * bs, max_total * bs) / bs
     candidates = {0, max_total, math.floor(balance), math.ceil(balance), _golden_min(cost, 0, max_total)}
-    return min((min(max(r, 0), max_total) for r in candidates), key=lambda r: (cost(r), r))
+    return min(candidates, key=lambda r: (cost(r), r))
 
 
 def _balance_tokens(shape: ModelShape, profile: Profile, n_tokens: int, max_tokens: int) -> float:
@@ -242,7 +242,7 @@ def _balance_tokens(shape: ModelShape, profile: Profile, n_tokens: int, max_toke
         if not math.isfinite(g_hi):
             return lo
         if g_hi <= 0:
-            return lo + (hi - lo) * g_lo / (g_lo - g_hi) if g_lo > 0 else lo
+            return lo + (hi - lo) * g_lo / (g_lo - g_hi)
         lo, g_lo = hi, g_hi
     return max_tokens
 
@@ -250,7 +250,7 @@ def _balance_tokens(shape: ModelShape, profile: Profile, n_tokens: int, max_toke
 def _golden_min(f: Callable[[int], float], lo: int, hi: int) -> int:
     """Integer golden-section search: exact for unimodal f, a good guess otherwise."""
     shrink = (math.sqrt(5) - 1) / 2
-    while hi - lo > 3:
+    while hi - lo > 4:  # from 5 on, left < right: the bracket never skips a point
         step = round((hi - lo) * shrink)
         left, right = hi - step, lo + step
         if f(left) <= f(right):

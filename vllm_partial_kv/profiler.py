@@ -55,29 +55,14 @@ def measure_profile(
     """Measure a Profile on `device`. with_load=True also times the recompute while a matmul loop
     keeps the device busy and stores the slowdown as busy_factor (>= 1)."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     if not token_counts or min(token_counts) <= 0:
         raise ValueError(f"token_counts must be positive, got {token_counts}")
     token_counts = sorted(set(token_counts))
     if device.type != "cuda":
-        token_counts = _cpu_token_counts(shape, token_counts)
-    bandwidth, latency = _measure_copy(shape, device)
-    recompute = _recompute_timer(shape, device, recompute_fn, dtype, max(token_counts))
-    idle = [recompute(t) for t in token_counts]
-    busy = 1.0
-    if with_load:
-        with _background_load(device):
-            loaded = [recompute(t) for t in token_counts]
-        ratios = [b / i for b, i in zip(loaded, idle) if i > 0]
-        busy = max(1.0, statistics.median(ratios)) if ratios else 1.0
-    return Profile(
-        h2d_bytes_per_s=bandwidth,
-        recompute_points=tuple(zip(token_counts, idle)),
-        copy_latency_s=latency,
-        busy_factor=busy,
-        device=_device_name(device),
-    )
+        return _measure(shape, device, recompute_fn, dtype, _cpu_token_counts(shape, token_counts), with_load)
+    with torch.cuda.device(device):  # events, streams and the load must all be on the measured GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+        return _measure(shape, device, recompute_fn, dtype, token_counts, with_load)
 
 
 def load_or_measure(
@@ -144,6 +129,22 @@ def format_profile(profile: Profile, shape: ModelShape | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------ measuring
+def _measure(
+    shape: ModelShape, device: torch.device, fn: RecomputeFn, dtype: torch.dtype,
+    token_counts: list[int], with_load: bool,
+) -> Profile:
+    bandwidth, latency = _measure_copy(shape, device)
+    recompute = _recompute_timer(shape, device, fn, dtype, max(token_counts))
+    idle = [recompute(t) for t in token_counts]
+    busy = 1.0
+    if with_load:
+        with _background_load(device):
+            loaded = [recompute(t) for t in token_counts]
+        ratios = [b / i for b, i in zip(loaded, idle) if i > 0]
+        busy = max(1.0, statistics.median(ratios)) if ratios else 1.0
+    return Profile(bandwidth, tuple(zip(token_counts, idle)), latency, busy, _device_name(device))
+
+
 def _cpu_token_counts(shape: ModelShape, token_counts: Sequence[int]) -> list[int]:
     """Scale the counts down together so the largest recompute stays within _CPU_MAX_FLOP, but
     never below one block: the planner only asks about whole blocks."""
