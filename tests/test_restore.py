@@ -11,6 +11,19 @@ from vllm import SamplingParams
 ARCHS = ["llama", "llama2", "opt", "qwen2", "qwen3"]
 
 
+@pytest.fixture
+def make_llm():
+    """conftest's tiny-model LLM; on a GPU in bf16 with torch.compile and CUDA graphs on."""
+    from conftest import make_llm as base
+
+    def make(model, **kwargs):
+        if torch.cuda.is_available():
+            kwargs = {"dtype": "bfloat16", "enforce_eager": False, **kwargs}
+        return base(model, **kwargs)
+
+    return make
+
+
 def _connector_cfg(ratio, cpu_bytes=256 << 20, **extra):
     from vllm.config import KVTransferConfig
 

@@ -57,6 +57,20 @@ class LayerRecompute:
         q, kv = self.q_size, self.kv_size
         return bias[q : q + kv], bias[q + kv : q + 2 * kv]
 
+    @property
+    def has_dense_weight(self) -> bool:
+        """False where vLLM repacked the weight for its CPU GEMM and dropped the dense copy."""
+        return self.qkv_proj.weight.numel() > 0
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V through the layer's own linear method (no forward hooks, so no capture):
+        whatever GEMM and weight packing vLLM chose for this layer is reused."""
+        qkv = self.qkv_proj
+        bias = None if getattr(qkv, "skip_bias_add", False) else getattr(qkv, "bias", None)
+        out = qkv.quant_method.apply(qkv, x, bias)
+        q, kv = self.q_size, self.kv_size
+        return out[:, q : q + kv], out[:, q + kv : q + 2 * kv]
+
 
 _LAYERS: dict[str, LayerRecompute] = {}
 _BUFFERS: dict[str, torch.Tensor] = {}
@@ -131,12 +145,13 @@ def _describe(module: nn.Module, attn: nn.Module, qkv: nn.Module) -> LayerRecomp
     head = attn.head_size
     q_size, kv_size = attn.num_heads * head, attn.num_kv_heads * head
     weight = getattr(qkv, "weight", None)
-    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
-        raise RuntimeError(f"partial_kv: {attn.layer_name}: qkv_proj weight is quantized or absent")
-    if weight.shape[0] != q_size + 2 * kv_size:
+    method = type(getattr(qkv, "quant_method", None)).__name__
+    if weight is None or not weight.is_floating_point() or method != "UnquantizedLinearMethod":
+        raise RuntimeError(f"partial_kv: {attn.layer_name}: qkv_proj is quantized ({method})")
+    if qkv.output_size_per_partition != q_size + 2 * kv_size:
         raise RuntimeError(
-            f"partial_kv: {attn.layer_name}: qkv_proj has {weight.shape[0]} rows, expected "
-            f"{q_size + 2 * kv_size}"
+            f"partial_kv: {attn.layer_name}: qkv_proj has {qkv.output_size_per_partition} "
+            f"outputs, expected {q_size + 2 * kv_size}"
         )
     rotary = getattr(module, "rotary_emb", None)
     if rotary is not None and not hasattr(rotary, "cos_sin_cache"):
@@ -146,7 +161,7 @@ def _describe(module: nn.Module, attn: nn.Module, qkv: nn.Module) -> LayerRecomp
         qkv_proj=qkv,
         q_size=q_size,
         kv_size=kv_size,
-        hidden_size=weight.shape[1],
+        hidden_size=qkv.input_size,
         k_norm=getattr(module, "k_norm", None),
         rotary_emb=rotary,
     )

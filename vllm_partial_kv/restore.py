@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from vllm_partial_kv import compat
 from vllm_partial_kv.capture import LayerRecompute
@@ -215,8 +214,7 @@ class RestoreRuntime:
         slots, positions = self._slots_buf[:n], self._pos_buf[:n]
         attn = spec.attn
         heads, head = attn.num_kv_heads, attn.head_size
-        b_k, b_v = spec.biases()
-        use_triton = self.cuda and self.kernel != "torch"
+        use_triton = self.cuda and self.kernel != "torch" and spec.has_dense_weight
         if use_triton:
             from vllm_partial_kv.kernels import recompute_kv
 
@@ -226,6 +224,7 @@ class RestoreRuntime:
                 use_triton = False
         if use_triton:
             rotary = spec.rotary_emb
+            b_k, b_v = spec.biases()
             scaled = self.kv_caches[name].element_size() == 1
             recompute_kv(
                 x, spec.w_k, spec.w_v, k_view, v_view, slots, positions,
@@ -241,9 +240,7 @@ class RestoreRuntime:
             return
         # Reference path: vLLM's own modules for the norm and RoPE, and the attention backend's
         # own cache write, so every layout and cache dtype vLLM supports is handled.
-        x = x.to(spec.w_k.dtype)
-        k = F.linear(x, spec.w_k, b_k)
-        v = F.linear(x, spec.w_v, b_v)
+        k, v = spec.project_kv(x)
         if spec.k_norm is not None:
             k = spec.k_norm(k.view(-1, heads, head)).view(-1, heads * head)
         if spec.rotary_emb is not None:
