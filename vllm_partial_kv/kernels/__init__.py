@@ -3,6 +3,7 @@ KV cache. Triton is imported lazily so this package stays importable without it 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -58,15 +59,19 @@ def recompute_kv(
         recompute_kv_torch(*args)
 
 
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _pick_triton(backend: str, x: torch.Tensor) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return x.is_cuda and has_triton
-    if not has_triton:
+        return x.is_cuda and _has_triton()
+    if not _has_triton():
         raise ValueError("backend='triton' needs the triton package")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
@@ -132,6 +137,9 @@ def _validate(x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_
             raise ValueError(f"{name}={s} given but the cache is {key_cache.dtype}, not fp8")
 
     if for_triton:
+        if value_cache.stride() != key_cache.stride():
+            raise ValueError(f"triton needs key_cache and value_cache with equal strides (every vLLM layout has "
+                             f"them), got {key_cache.stride()} and {value_cache.stride()}")
         for name, t in (("x", x), ("w_k", w_k), ("w_v", w_v), ("cos_sin_cache", cos_sin_cache)):
             if t is not None and t.stride(-1) != 1:
                 raise ValueError(f"{name} needs unit stride in its last dim for triton")

@@ -2,10 +2,11 @@
 paged-cache scatter all happen on the register tile, so recomputed K/V never round-trips through
 HBM before it lands in the cache.
 
-Each program owns a [BLOCK_T, head] tile of either K or V of one KV head. For K with RoPE the weight
-rows are loaded in an order that puts each rotary pair (i, i + rot/2 for neox, 2i/2i+1 for GPT-J)
-where a reshape + split can pull the two halves apart after one full-width tl.dot: the MMA keeps
-its full N = head_size width instead of two half-width accumulators.
+Each program owns a [BLOCK_T, head] tile of either K or V of one KV head, computed by one
+full-width tl.dot (N = head_size, the widest wgmma). RoPE then separates each rotary pair with a
+register-level reshape + split: neox pairs (i, i + rot/2) sit in the two tile halves, GPT-J pairs
+(2i, 2i + 1) are adjacent; for partial-rotary neox the weight rows are loaded permuted so the pairs
+still land that way. This beats two half-width accumulators, which would halve the MMA N.
 """
 
 from __future__ import annotations
@@ -49,26 +50,51 @@ def _rope(acc, pos_ptr, cs_ptr, offs_t, t_mask, stride_cs,
 
 
 @triton.jit
-def _kv_tile(x_ptr, w_ptr, b_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
-             offs_t, head, T, hidden, stride_x, stride_w, stride_cs,
-             c_s0, c_s1, c_s2, c_s3, block_size, scale, eps,
-             HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
-             HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-             IS_K: tl.constexpr):
-    """Project, post-process and scatter one [BLOCK_T, head] tile of K (IS_K) or V."""
+def _neox_partial_order(cols, ROT_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Head dim held by each tile column when only ROT_DIM < HEAD_PAD dims rotate (neox): column
+    j < HALF holds a pair's first element and HALF + j its partner; pass-through dims fill the rest."""
+    r: tl.constexpr = ROT_DIM // 2
+    half: tl.constexpr = HEAD_PAD // 2
+    return tl.where((cols >= r) & (cols < half), cols + r,
+                    tl.where((cols >= half) & (cols < half + r), cols - half + r, cols))
+
+
+# Sizes that change call to call are not specialized on (divisibility, == 1): one binary per config.
+@triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "t_bucket"])
+def _recompute_kv_kernel(
+        x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
+        T, hidden, num_kv_heads, stride_x, stride_wk, stride_wv, stride_cs,
+        c_s0, c_s1, c_s2, c_s3, block_size, k_scale, v_scale, eps,
+        t_bucket,  # autotune key only: tune per power-of-two bucket of T, not per T
+        HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
+        HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_T, head] tile of K or V of one KV head per program. 1-D grid over (token tile,
+    K/V x head), grouped so GROUP_T token tiles share L2. K and V programs share one main loop:
+    only pointers differ, and the K-only epilogue sits behind a uniform branch."""
+    pid = tl.program_id(0)
+    num_t = tl.cdiv(T, BLOCK_T)
+    per_group = GROUP_T * 2 * num_kv_heads
+    first_t = (pid // per_group) * GROUP_T
+    group_t = tl.minimum(num_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_t
+    pid_n = (pid % per_group) // group_t
+    is_k = pid_n < num_kv_heads
+    if is_k:
+        head = pid_n
+        w_ptr, stride_w, cache_ptr, scale = wk_ptr, stride_wk, kc_ptr, k_scale
+    else:
+        head = pid_n - num_kv_heads
+        w_ptr, stride_w, cache_ptr, scale = wv_ptr, stride_wv, vc_ptr, v_scale
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
     cols = tl.arange(0, HEAD_PAD)
-    if IS_K and NEOX and ROT_DIM < HEAD_PAD:
-        # Partial rotary (or padded head) in neox style: column j < HALF holds the pair's first element,
-        # column HALF + j its partner; the pass-through dims fill the remaining columns.
-        r: tl.constexpr = ROT_DIM // 2
-        half: tl.constexpr = HEAD_PAD // 2
-        dims = tl.where((cols >= r) & (cols < half), cols + r,
-                        tl.where((cols >= half) & (cols < half + r), cols - half + r, cols))
+    if NEOX and 0 < ROT_DIM and ROT_DIM < HEAD_PAD:  # V uses the same order: loads and stores agree
+        dims = _neox_partial_order(cols, ROT_DIM, HEAD_PAD)
     else:
         dims = cols
     d_mask = dims < HEAD
-    t_mask = offs_t < T
 
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + (head * HEAD + dims)[:, None] * stride_w
@@ -82,13 +108,22 @@ def _kv_tile(x_ptr, w_ptr, b_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + head * HEAD + dims, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    if IS_K and HAS_KNORM:
-        inv_rms = tl.rsqrt(tl.sum(acc * acc, axis=1) / HEAD + eps)
-        acc = acc * inv_rms[:, None] * tl.load(kn_ptr + dims, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    if IS_K and ROT_DIM > 0:
-        acc = _rope(acc, pos_ptr, cs_ptr, offs_t, t_mask, stride_cs, BLOCK_T, HEAD_PAD, ROT_DIM, NEOX)
+    # Each bias load is masked off entirely in the other half of the grid (`d_mask & is_k` would read
+    # better, but the interpreter turns bool & scalar-bool into ints).
+    if HAS_BK:
+        b = tl.load(bk_ptr + head * HEAD + dims, mask=dims < tl.where(is_k, HEAD, 0), other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    if HAS_BV:
+        b = tl.load(bv_ptr + head * HEAD + dims, mask=dims < tl.where(is_k, 0, HEAD), other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    if HAS_KNORM or ROT_DIM > 0:
+        if is_k:
+            if HAS_KNORM:
+                inv_rms = tl.rsqrt(tl.sum(acc * acc, axis=1) / HEAD + eps)
+                norm_w = tl.load(kn_ptr + dims, mask=d_mask, other=0.0).to(tl.float32)
+                acc = acc * inv_rms[:, None] * norm_w[None, :]
+            if ROT_DIM > 0:
+                acc = _rope(acc, pos_ptr, cs_ptr, offs_t, t_mask, stride_cs, BLOCK_T, HEAD_PAD, ROT_DIM, NEOX)
     if FP8_MAX > 0:
         acc = tl.clamp(acc / scale, -FP8_MAX, FP8_MAX)
 
@@ -98,43 +133,23 @@ def _kv_tile(x_ptr, w_ptr, b_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
     tl.store(ptrs, acc.to(cache_ptr.dtype.element_ty), mask=(slots >= 0)[:, None] & d_mask[None, :])
 
 
-# Sizes that change call to call are not specialized on (divisibility, == 1): one binary per config.
-@triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "t_bucket"])
-def _recompute_kv_kernel(
-        x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
-        T, hidden, num_kv_heads, stride_x, stride_wk, stride_wv, stride_cs,
-        kc_s0, kc_s1, kc_s2, kc_s3, vc_s0, vc_s1, vc_s2, vc_s3,
-        block_size, k_scale, v_scale, eps,
-        t_bucket,  # autotune key only: tune per power-of-two bucket of T, not per T
-        HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
-        HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1-D grid over (token tile, K/V x head), grouped so GROUP_T token tiles share L2."""
-    pid = tl.program_id(0)
-    num_t = tl.cdiv(T, BLOCK_T)
-    num_n = 2 * num_kv_heads
-    per_group = GROUP_T * num_n
-    first_t = (pid // per_group) * GROUP_T
-    group_t = tl.minimum(num_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % per_group) % group_t
-    pid_n = (pid % per_group) // group_t
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    if pid_n < num_kv_heads:
-        _kv_tile(x_ptr, wk_ptr, bk_ptr, kc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
-                 offs_t, pid_n, T, hidden, stride_x, stride_wk, stride_cs,
-                 kc_s0, kc_s1, kc_s2, kc_s3, block_size, k_scale, eps,
-                 HEAD, HEAD_PAD, ROT_DIM, NEOX, HAS_BK, HAS_KNORM, FP8_MAX, DOT_PRECISION,
-                 DOT_F32, BLOCK_T, BLOCK_K, IS_K=True)
-    else:
-        _kv_tile(x_ptr, wv_ptr, bv_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
-                 offs_t, pid_n - num_kv_heads, T, hidden, stride_x, stride_wv, stride_cs,
-                 vc_s0, vc_s1, vc_s2, vc_s3, block_size, v_scale, eps,
-                 HEAD, HEAD_PAD, ROT_DIM, NEOX, HAS_BV, False, FP8_MAX, DOT_PRECISION,
-                 DOT_F32, BLOCK_T, BLOCK_K, IS_K=False)
+def _next_pow2(n: int) -> int:
+    """triton.next_power_of_2 costs microseconds per call on the launch path; this does not."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _config(block_t: int, block_k: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_T": block_t, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+def _fixed_config(T: int, head_pad: int, elem: int) -> dict:
+    """Small T, and the CPU interpreter, where autotuning would only cost time: the tallest tile T
+    needs (<= 64 rows), 64 accumulator registers per thread, the widest K step that fits smem."""
+    block_t = min(64, max(16, _next_pow2(T)))
+    warps = 8 if block_t * head_pad > 64 * 32 * 4 else 4
+    stages = 3
+    block_k = next(bk for bk in (128, 64, 32, 16) if stages * (block_t + head_pad) * bk * elem <= 160 * 1024)
+    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 
 
 # H100 candidates (BLOCK_T, BLOCK_K, warps, stages): 128-row tiles feed wgmma for large T; 32/64-row
@@ -146,28 +161,31 @@ TUNE_CONFIGS = [
     _config(64, 64, 8, 4),
     _config(128, 64, 4, 4),
     _config(128, 64, 8, 4),
+    _config(128, 128, 8, 3),
     _config(256, 64, 8, 3),
 ]
-_SMEM_BUDGET = 200 * 1024
-# fp32 accumulator registers per thread: the RoPE epilogue holds the accumulator twice plus cos/sin,
-# and spills on sm_90 above 64 (measured with ptxas); the plain GEMM epilogue is fine up to 128.
-_MAX_ACC_REGS = {False: 128, True: 64}
+_SMEM_BUDGET = 225 * 1024  # H100: 227 KiB of shared memory per block
+# fp32 accumulator registers per thread: ptxas (sm_90, Triton 3.6) fits 128 with the RoPE epilogue
+# (at most a 16-byte spill) and spills kilobytes at 256.
+_MAX_ACC_REGS = 128
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles taller than the T bucket, and ones that would spill or overflow shared memory."""
+    """Drop tiles taller than the T bucket, and ones that would spill or overflow shared memory
+    (falling back to the small-T config, which always fits)."""
     args = {**named_args, **kwargs}
     head_pad, elem = args["HEAD_PAD"], args["x_ptr"].element_size()
     max_t = max(32, args["t_bucket"] // 2)
-    max_regs = _MAX_ACC_REGS[args["ROT_DIM"] > 0]
 
     def fits(c: triton.Config) -> bool:
         bt, bk = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"]
         regs = bt * head_pad // (32 * c.num_warps)
         smem = c.num_stages * (bt + head_pad) * bk * elem
-        return bt <= max_t and regs <= max_regs and smem <= _SMEM_BUDGET
+        return bt <= max_t and regs <= _MAX_ACC_REGS and smem <= _SMEM_BUDGET
 
-    return [c for c in configs if fits(c)] or [configs[0]]
+    fixed = _fixed_config(args["t_bucket"], head_pad, elem)
+    fallback = _config(fixed["BLOCK_T"], fixed["BLOCK_K"], fixed["num_warps"], fixed["num_stages"])
+    return [c for c in configs if fits(c)] or [fallback]
 
 
 _tuned_kernel = triton.autotune(
@@ -175,16 +193,6 @@ _tuned_kernel = triton.autotune(
     key=["t_bucket", "hidden", "num_kv_heads", "HEAD_PAD"],
     prune_configs_by={"early_config_prune": _prune},
 )(_recompute_kv_kernel)
-
-
-def _fixed_config(T: int, head_pad: int, elem: int) -> dict:
-    """Small T, and the CPU interpreter, where autotuning would only cost time: the tallest tile T
-    needs (<= 64 rows), 64 accumulator registers per thread, the widest K step that fits smem."""
-    block_t = min(64, max(16, triton.next_power_of_2(T)))
-    warps = 8 if block_t * head_pad > 64 * 32 * 4 else 4
-    stages = 3
-    block_k = next(bk for bk in (128, 64, 32, 16) if stages * (block_t + head_pad) * bk * elem <= 160 * 1024)
-    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 
 
 def recompute_kv_triton(
@@ -212,13 +220,13 @@ def recompute_kv_triton(
         x, w_k, w_v, b_k, b_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, k_norm_weight,
         T, hidden, num_kv_heads, x.stride(0), w_k.stride(0), w_v.stride(0),
         0 if cos_sin_cache is None else cos_sin_cache.stride(0),
-        *key_cache.stride(), *value_cache.stride(),
+        *key_cache.stride(),  # value_cache has the same strides (validated)
         block_size, float(k_scale or 1.0), float(v_scale or 1.0), float(k_norm_eps),
-        triton.next_power_of_2(T),
+        _next_pow2(T),
     )
     meta = {
         "HEAD": head_size,
-        "HEAD_PAD": max(16, triton.next_power_of_2(head_size)),
+        "HEAD_PAD": max(16, _next_pow2(head_size)),
         "ROT_DIM": 0 if cos_sin_cache is None else cos_sin_cache.shape[1],
         "NEOX": bool(is_neox),
         "HAS_BK": b_k is not None,
