@@ -3,6 +3,8 @@ the same greedy tokens as vLLM without the connector."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -13,10 +15,14 @@ ARCHS = ["llama", "llama2", "opt", "qwen2", "qwen3"]
 
 @pytest.fixture
 def make_llm():
-    """conftest's tiny-model LLM; on a GPU in bf16 with torch.compile and CUDA graphs on."""
+    """conftest's tiny-model LLM; on a GPU in bf16 with torch.compile and CUDA graphs on.
+
+    Callers drop their previous LLM first: an in-process engine torn down after the next one
+    started would take the process-wide parallel state with it."""
     from conftest import make_llm as base
 
     def make(model, **kwargs):
+        gc.collect()
         if torch.cuda.is_available():
             kwargs = {"dtype": "bfloat16", "enforce_eager": False, **kwargs}
         return base(model, **kwargs)
@@ -38,6 +44,17 @@ def _worker():
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     return get_kv_transfer_group()
+
+
+def _kv_bytes(model, tokens: int) -> int:
+    """GPU KV cache bytes that hold `tokens` tokens of a tiny model (fp32 on CPU, bf16 on GPU)."""
+    import json
+
+    cfg = json.loads((model / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    elem = 2 if torch.cuda.is_available() else 4
+    return tokens * cfg["num_hidden_layers"] * 2 * heads * head * elem
 
 
 def _prompt(seed: int, n: int, vocab: int = 1000) -> dict:
@@ -99,42 +116,47 @@ def test_multi_turn_same_tokens_under_eviction(arch, tiny_model, make_llm):
     """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU."""
     sp = SamplingParams(temperature=0, max_tokens=24)
     model = tiny_model(arch)
-    gpu_bytes = 8 << 20
-    baseline = _conversations(make_llm(model, kv_cache_memory_bytes=gpu_bytes), 4, 3, sp)
+    small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024)
+    baseline = _conversations(make_llm(model, **small), 4, 3, sp)
     for ratio in (0.0, 0.5, 1.0, "auto"):
-        llm = make_llm(model, kv_cache_memory_bytes=gpu_bytes, kv_transfer_config=_connector_cfg(ratio))
+        llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(ratio))
         assert _conversations(llm, 4, 3, sp) == baseline, f"ratio {ratio}"
         totals = _worker().totals.data
+        del llm
         assert totals["tokens_loaded"] > 0
-        if ratio not in (0.0, "auto") or arch == "llama2":
+        if ratio == 0.0 or (ratio == "auto" and arch != "llama2"):
+            # GQA in auto mode keeps no activations at all: plain KV offload.
+            assert totals["tokens_recomputed"] == 0, f"ratio {ratio}: {totals}"
+        elif ratio != "auto":  # auto on MHA depends on this machine's measured profile
             assert totals["tokens_recomputed"] > 0, f"ratio {ratio}: {totals}"
-        else:
-            assert totals["tokens_recomputed"] == 0
 
 
 def test_preemption_storm_same_tokens(tiny_model, make_llm):
     """More concurrent sequences than the GPU cache holds: preempted requests resume from the
     CPU store instead of recomputing, with the same tokens."""
     model = tiny_model("llama2")
-    sp = SamplingParams(temperature=0, max_tokens=96)
-    prompts = [_prompt(200 + i, 600) for i in range(8)]
-    gpu_bytes = 6 << 20
-    base = make_llm(model, kv_cache_memory_bytes=gpu_bytes)
+    # Requests are admitted by prompt size and then grow 3x: running ones get preempted.
+    sp = SamplingParams(temperature=0, max_tokens=288)
+    prompts = [_prompt(200 + i, 300) for i in range(8)]
+    small = dict(kv_cache_memory_bytes=_kv_bytes(model, 1536), max_model_len=1024)
+    base = make_llm(model, **small)
     expected = [o.outputs[0].token_ids for o in base.generate(prompts, sp, use_tqdm=False)]
-    llm = make_llm(model, kv_cache_memory_bytes=gpu_bytes, kv_transfer_config=_connector_cfg(0.5))
+    del base
+    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(0.5))
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    totals = _worker().totals.data
+    del llm
     assert got == expected
-    assert _worker().totals.data["tokens_recomputed"] > 0
+    assert totals["tokens_loaded"] > 0 and totals["tokens_recomputed"] > 0, totals
 
 
 def test_full_store_keeps_serving(tiny_model, make_llm):
     """A CPU store far smaller than the traffic evicts and keeps giving the right tokens."""
     model = tiny_model("llama2")
     sp = SamplingParams(temperature=0, max_tokens=24)
-    baseline = _conversations(make_llm(model, kv_cache_memory_bytes=8 << 20), 4, 3, sp)
-    llm = make_llm(
-        model, kv_cache_memory_bytes=8 << 20, kv_transfer_config=_connector_cfg(1.0, cpu_bytes=6 << 20)
-    )
+    small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024)
+    baseline = _conversations(make_llm(model, **small), 4, 3, sp)
+    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(1.0, cpu_bytes=6 << 20))
     assert _conversations(llm, 4, 3, sp) == baseline
     scheduler_index = llm.llm_engine.engine_core.engine_core.scheduler.connector.index
     assert scheduler_index.evictions > 0
