@@ -86,7 +86,8 @@ def test_restored_kv_equals_original(arch, tiny_model, make_llm):
                 original = host[load.slots].double()
                 err = (restored - original).norm() / original.norm()
                 worst = max(worst, err.item())
-        assert worst < 1e-3, f"ratio {ratio}: relative K/V error {worst}"
+        tol = 1e-3 if runtime.pool.kv[name][0].dtype == torch.float32 else 1e-2
+        assert worst < tol, f"ratio {ratio}: relative K/V error {worst}"
     # Corrupting one activation row must show up in the recomputed K/V: the check can fail.
     name = runtime.names[0]
     runtime.pool.act[name][load.slots[0]] += 1.0
