@@ -82,7 +82,7 @@ def test_restored_kv_equals_original(arch, tiny_model, make_llm):
         worst = 0.0
         for name in runtime.names:
             for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
-                restored = gpu[load.block_ids].double()
+                restored = gpu[load.block_ids].double().cpu()
                 original = host[load.slots].double()
                 err = (restored - original).norm() / original.norm()
                 worst = max(worst, err.item())
@@ -95,7 +95,7 @@ def test_restored_kv_equals_original(arch, tiny_model, make_llm):
     llm.generate([prompt], sp, use_tqdm=False)
     (load,) = runtime.last_loads
     gpu, host = runtime.gpu_views[name][0], runtime.pool.kv[name][0]
-    diff = (gpu[load.block_ids[0]].double() - host[load.slots[0]].double()).abs().max()
+    diff = (gpu[load.block_ids[0]].double().cpu() - host[load.slots[0]].double()).abs().max()
     assert diff > 1e-2
 
 

@@ -94,14 +94,26 @@ def block_views(kv_cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
     )
 
 
+def num_blocks_of(kv_cache: torch.Tensor, page_size_bytes: int) -> int:
+    """Blocks in a layer's paged KV tensor. Derived from its size: the KVCacheConfig that vLLM
+    0.26 hands the worker-side connector at construction can still hold a placeholder count."""
+    return kv_cache.numel() * kv_cache.element_size() // page_size_bytes
+
+
 def kv_cache_views(kv_cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """4-D [num_blocks, block_size, heads, head_size] views of K and V for the GPU layouts the
-    Triton kernel writes into (FlashAttention, FlashInfer NHD)."""
-    if kv_cache.dim() != 5:
-        raise ValueError(f"no 4-D K/V views for KV cache shape {tuple(kv_cache.shape)}")
-    if kv_cache.shape[0] == 2 and kv_cache.shape[1] == num_blocks:
+    """4-D [num_blocks, block_size, heads, head_size] views of K and V in the GPU layouts the
+    Triton kernel writes into: FlashAttention in vLLM 0.26 packs K and V in the last dim
+    ([blocks, heads, block_size, 2*head]); older FlashAttention keeps them apart ([2, blocks, ...])
+    and FlashInfer NHD interleaves them per block ([blocks, 2, ...])."""
+    if kv_cache.dim() == 4 and kv_cache.shape[0] == num_blocks:
+        head = kv_cache.shape[-1] // 2
+        return (
+            kv_cache[..., :head].permute(0, 2, 1, 3),
+            kv_cache[..., head:].permute(0, 2, 1, 3),
+        )
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.shape[1] == num_blocks:
         return kv_cache[0], kv_cache[1]
-    if kv_cache.shape[0] == num_blocks and kv_cache.shape[1] == 2:
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == num_blocks and kv_cache.shape[1] == 2:
         return kv_cache[:, 0], kv_cache[:, 1]
     raise ValueError(f"unknown KV cache layout {tuple(kv_cache.shape)}")
 

@@ -216,7 +216,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         vllm_config = self._vllm_config
         kv_cache_config = self._kv_cache_config
-        num_blocks = kv_cache_config.num_blocks
+        page_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
+        num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())), page_size)
         layers = capture.layers() if self.with_act else {}
         if self.with_act and set(layers) != set(kv_caches):
             raise RuntimeError(
