@@ -94,10 +94,12 @@ def block_views(kv_cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
     )
 
 
-def num_blocks_of(kv_cache: torch.Tensor, page_size_bytes: int) -> int:
-    """Blocks in a layer's paged KV tensor. Derived from its size: the KVCacheConfig that vLLM
-    0.26 hands the worker-side connector at construction can still hold a placeholder count."""
-    return kv_cache.numel() * kv_cache.element_size() // page_size_bytes
+def num_blocks_of(kv_cache: torch.Tensor) -> int:
+    """Blocks in a layer's paged KV tensor, read off its layout: the KVCacheConfig that vLLM 0.26
+    hands the worker-side connector at construction can still hold placeholder values."""
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return kv_cache.shape[1]  # [2, blocks, ...]: K and V apart
+    return kv_cache.shape[0]
 
 
 def kv_cache_views(kv_cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

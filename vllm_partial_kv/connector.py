@@ -215,9 +215,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
     # ============================================================================= worker half
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         vllm_config = self._vllm_config
-        kv_cache_config = self._kv_cache_config
-        page_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
-        num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())), page_size)
+        num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())))
         layers = capture.layers() if self.with_act else {}
         if self.with_act and set(layers) != set(kv_caches):
             raise RuntimeError(
@@ -235,8 +233,11 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             }
             capture.bind_buffers(act_buffers)
         views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
-        num_slots = _num_slots(vllm_config, kv_cache_config, self.cfg, self.with_act)
         hidden = model_shape(vllm_config).hidden_size
+        kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
+        act_bytes = self.block_size * hidden * dtype.itemsize * len(views) if self.with_act else 0
+        # The same formula as the scheduler's, from the real tensors.
+        num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes)
         pool = HostPool(
             num_slots, views, (self.block_size, hidden) if self.with_act else None, dtype,
             pin=device.type == "cuda",

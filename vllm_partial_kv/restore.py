@@ -50,6 +50,11 @@ class _RowCopier:
     def __call__(self, dst: torch.Tensor, dst_idx: list[int], src: torch.Tensor, src_idx: list[int]):
         if not dst_idx:
             return
+        if max(dst_idx) >= dst.shape[0] or max(src_idx) >= src.shape[0]:
+            raise IndexError(
+                f"block copy out of range ({max(src_idx)} of {src.shape[0]} -> "
+                f"{max(dst_idx)} of {dst.shape[0]}): scheduler and worker disagree on the store size"
+            )
         if self._memcpy is not None and (dst.is_cuda or src.is_cuda):
             row = src[0].numel() * src.element_size()
             if dst.stride(0) * dst.element_size() != row or src.stride(0) * src.element_size() != row:

@@ -134,8 +134,12 @@ class HostPool:
         self.kv: dict[str, list[torch.Tensor]] = {}
         self.act: dict[str, torch.Tensor] = {}
         for name, views in kv_block_views.items():
+            # Same strides as the device blocks: blocks are copied as raw bytes, so the host copy
+            # must read back in the device's (possibly permuted) element order.
             self.kv[name] = [
-                torch.empty((num_slots, *v.shape[1:]), dtype=v.dtype, pin_memory=pin)
+                torch.empty_strided(
+                    (num_slots, *v.shape[1:]), v.stride(), dtype=v.dtype, pin_memory=pin
+                )
                 for v in views
             ]
             if act_block_shape is not None:

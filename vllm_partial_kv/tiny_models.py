@@ -21,6 +21,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 ROPE_THETA = 10000.0
+SWITCH_RATE = 0.08  # share of greedy steps the context decides under peaked=True
 
 
 def make_tiny_model(
@@ -38,8 +39,10 @@ def make_tiny_model(
 ) -> Path:
     """Write config, safetensors weights and a tokenizer for ``arch`` into ``out_dir``.
 
-    float32 is the default because vLLM's CPU build runs it on any x86 (bf16 needs AVX-512
-    there); pass ``dtype="bfloat16"`` for GPU-style runs.
+    Sizes default to 4 layers, hidden 256, head_dim 64 (4 heads; GQA archs have 2 KV heads),
+    intermediate 512, a ~1000-token vocabulary: about 12 MB. float32 by default: vLLM's CPU
+    build runs bf16 too, but about 2x slower on AVX2-only CPUs; pass ``dtype="bfloat16"`` for
+    GPU-style runs.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -54,12 +57,13 @@ def make_tiny_model(
     tok.save_pretrained(out)
     cfg = _config(arch, num_layers, hidden_size, head_dim, len(tok), dtype,
                   max_position_embeddings, tok)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     _randomize(model, gen)
     if peaked:
         _peak(model, tok, gen, random.Random(seed))
+    with torch.no_grad():  # no special token ever wins, so EOS never cuts a generation short
+        model.get_output_embeddings().weight[tok.all_special_ids] = 0.0
     model.to(getattr(torch, dtype)).save_pretrained(out)
     _patch_config(out / "config.json", dtype)
     return out
@@ -87,10 +91,8 @@ def _config(arch: str, layers: int, hidden: int, head_dim: int, vocab: int, dtyp
     if arch == "llama2":
         return LlamaConfig(num_key_value_heads=heads, architectures=["LlamaForCausalLM"], **common)
     if arch == "qwen2":
-        return Qwen2Config(num_key_value_heads=gqa, architectures=["Qwen2ForCausalLM"],
-                           use_sliding_window=False, **common)
-    return Qwen3Config(num_key_value_heads=gqa, architectures=["Qwen3ForCausalLM"],
-                       attention_bias=False, use_sliding_window=False, **common)
+        return Qwen2Config(num_key_value_heads=gqa, architectures=["Qwen2ForCausalLM"], **common)
+    return Qwen3Config(num_key_value_heads=gqa, architectures=["Qwen3ForCausalLM"], **common)
 
 
 def _patch_config(path: Path, dtype: str) -> None:
@@ -123,30 +125,39 @@ def _randomize(model, gen) -> None:
                 p.copy_(0.02 * noise)
 
 
-def _peak(model, tok, gen, rng: random.Random, embed_gain: float = 3.0) -> None:
-    """Bigram backbone: lm_head row succ(t) is embedding row t, embeddings strengthened.
+def _peak(model, tok, gen, rng: random.Random, switch_rate: float = SWITCH_RATE) -> None:
+    """Bigram backbone: lm_head row succ(t) is the direction of embedding row t, where succ
+    walks all printable tokens in one random cycle.
 
-    ``embed_gain`` sets how strongly the current token's embedding dominates the residual
-    stream over the layers' outputs; the layers then change the greedy choice only when they
-    are large in that direction, which leaves wide margins most of the time. Special and
-    non-printable tokens get zero lm_head rows, so they never win (generations keep the
-    requested length) and decoded text re-encodes to the same tokens.
+    The embedding gain sets how strongly the current token dominates the residual stream
+    over the layers' outputs. It is calibrated so that the layers (i.e. the KV cache) change
+    the greedy token in about ``switch_rate`` of the steps: the other steps have wide margins.
+    Non-printable tokens get zero lm_head rows, so decoded text re-encodes to the same tokens.
     """
     import torch
 
     vocab = model.get_input_embeddings().weight.shape[0]
     allowed = [i for i in range(vocab) if _printable(tok, i)]
-    targets = list(allowed)
-    rng.shuffle(targets)
-    succ = dict(zip(allowed, targets))
+    order = list(allowed)
+    rng.shuffle(order)  # one long cycle: greedy text never settles into a short loop
+    succ = {t: order[(i + 1) % len(order)] for i, t in enumerate(order)}
+    backbone = torch.tensor([succ.get(t, order[t % len(order)]) for t in range(vocab)])
+    raw = torch.randn(model.get_input_embeddings().weight.shape, generator=gen)
     with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb.copy_(torch.randn(emb.shape, generator=gen) * embed_gain)
-        unit = emb / emb.norm(dim=1, keepdim=True)
-        head = torch.zeros_like(unit)
-        for src in range(vocab):
-            head[succ.get(src, targets[src % len(targets)])] += unit[src]
+        head = torch.zeros_like(raw).index_add_(0, backbone, raw / raw.norm(dim=1, keepdim=True))
         model.get_output_embeddings().weight.copy_(head)
+        probe = torch.tensor([[rng.choice(allowed) for _ in range(256)]])
+
+        def rate(gain: float) -> float:
+            model.get_input_embeddings().weight.copy_(raw * gain)
+            top = model(input_ids=probe).logits[0].argmax(-1)
+            return (top != backbone[probe[0]]).float().mean().item()
+
+        lo, hi = 0.1, 3.0  # rate(lo) is high, rate(hi) about zero; 7 halvings: within 3 %
+        for _ in range(7):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if rate(mid) > switch_rate else (lo, mid)
+        rate(hi)  # leaves the embeddings at the chosen gain
 
 
 def _printable(tok, token_id: int) -> bool:
@@ -156,7 +167,7 @@ def _printable(tok, token_id: int) -> bool:
     return bool(text) and all(c == "\n" or " " <= c <= "~" for c in text)
 
 
-def _corpus(seed: int) -> list[str]:
+def corpus(seed: int) -> list[str]:
     """Deterministic pseudo-English: words built from syllables, sentences and numbers."""
     rng = random.Random(seed)
     syll = [a + b for a in "bcdfghklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ai", "ou")]
@@ -180,7 +191,7 @@ def _train_tokenizer(vocab_size: int, seed: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    bpe.train_from_iterator(corpus(seed), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS,
                                    pad_token=PAD, chat_template=CHAT_TEMPLATE,
                                    model_max_length=1 << 20)

