@@ -22,7 +22,10 @@ def make_llm():
     from conftest import make_llm as base
 
     def make(model, **kwargs):
+        from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
         gc.collect()
+        ensure_kv_transfer_shutdown()  # a failed test may still hold its engine's connector
         if torch.cuda.is_available():
             kwargs = {"dtype": "bfloat16", "enforce_eager": False, **kwargs}
         return base(model, **kwargs)
