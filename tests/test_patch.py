@@ -1,0 +1,61 @@
+"""patches/: `--kv-offload partial-recompute` on a patched copy of the installed vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCHED = ("config/cache.py", "config/vllm.py", "engine/arg_utils.py")
+
+CHECK = textwrap.dedent(
+    """
+    import json, sys
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", sys.argv[1], "--kv-offload", "partial-recompute",
+                              "--kv-offloading-size", "0.5", "--max-model-len", "1024",
+                              "--kv-cache-memory-bytes", str(32 << 20), "--block-size", "32"])
+    cfg = EngineArgs.from_cli_args(args).create_engine_config()
+    kv = cfg.kv_transfer_config
+    print("RESULT " + json.dumps({"backend": args.kv_offloading_backend, "connector": kv.kv_connector,
+          "module": kv.kv_connector_module_path, "extra": kv.kv_connector_extra_config}))
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the patch tool")
+def test_patch_adds_kv_offload_flag(tmp_path, tiny_model):
+    import vllm
+
+    site = tmp_path / "site"
+    # A symlink copy of the installed vLLM; only the patched files become real files.
+    shutil.copytree(Path(vllm.__file__).parent, site / "vllm", symlinks=True,
+                    copy_function=os.symlink, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in PATCHED:
+        target = site / "vllm" / rel
+        real = target.resolve()
+        target.unlink()
+        shutil.copyfile(real, target)
+    patch = ROOT / "patches" / "vllm-kv-offload-partial-recompute.patch"
+    subprocess.run(["patch", "-p1", "-d", str(site), "-i", str(patch)], check=True,
+                   capture_output=True)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", CHECK, str(tiny_model("llama2"))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][7:])
+    assert result["backend"] == "partial-recompute"
+    assert result["connector"] == "PartialRecomputeConnector"
+    assert result["module"] == "vllm_partial_kv.connector"
+    assert result["extra"]["cpu_bytes"] == 1 << 29
