@@ -1,0 +1,83 @@
+"""The host store's index and the connector's configuration, without vLLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_partial_kv.config import ConfigError, parse_config
+from vllm_partial_kv.store import BlockIndex, slots_for_budget
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(8, "little")
+
+
+def test_lru_eviction_skips_pinned_blocks():
+    index = BlockIndex(3)
+    slots = [index.allocate(h(i), has_activations=True) for i in range(3)]
+    assert sorted(slots) == [0, 1, 2]
+    index.pin([h(0)])  # a load in flight reads block 0
+    index.touch(h(1))  # block 1 is now more recent than block 2
+    slot = index.allocate(h(3), has_activations=False)
+    assert slot == slots[2] and h(2) not in index and h(0) in index
+    index.allocate(h(4), has_activations=False)
+    assert h(1) not in index and h(0) in index  # pinned block 0 survives twice
+    assert index.evictions == 2
+
+
+def test_all_pinned_store_is_skipped_not_an_error():
+    index = BlockIndex(2)
+    for i in range(2):
+        index.allocate(h(i), has_activations=True)
+    index.pin([h(0), h(1)])
+    assert index.allocate(h(2), has_activations=True) is None
+    index.unpin([h(0)])
+    assert index.allocate(h(2), has_activations=True) is not None
+    assert h(0) not in index
+
+
+def test_prefix_hits_and_lookup():
+    index = BlockIndex(8)
+    for i in (0, 1, 2, 4):
+        index.allocate(h(i), has_activations=i != 1)
+    assert index.count_prefix_hits([h(0), h(1), h(2), h(3), h(4)]) == 3
+    assert [act for _, act in index.lookup([h(0), h(1), h(2)])] == [True, False, True]
+    with pytest.raises(KeyError):
+        index.allocate(h(0), has_activations=True)
+
+
+def test_clear_keeps_pinned():
+    index = BlockIndex(4)
+    for i in range(3):
+        index.allocate(h(i), has_activations=True)
+    index.pin([h(1)])
+    index.clear()
+    assert len(index) == 1 and h(1) in index
+    assert {index.allocate(h(i), True) for i in range(5, 8)} | {index.lookup([h(1)])[0][0]} == {0, 1, 2, 3}
+
+
+def test_budget_too_small_is_a_clear_error():
+    assert slots_for_budget(10 << 20, 1 << 20) == 10
+    with pytest.raises(ValueError, match="cannot hold a single block"):
+        slots_for_budget(1000, 1 << 20)
+
+
+def test_config_defaults_and_errors():
+    cfg = parse_config({"cpu_bytes": "1073741824", "recompute_ratio": "0.25"})
+    assert cfg.cpu_bytes == 1 << 30 and cfg.recompute_ratio == 0.25
+    assert parse_config(None).recompute_ratio is None  # auto
+    assert parse_config({"recompute_ratio": "auto"}).wants_activations is None
+    assert parse_config({"recompute_ratio": 0}).wants_activations is False
+    for bad in (
+        {"recompute_ratio": 1.5},
+        {"recompute_ratio": "half"},
+        {"recompute_ratio": True},
+        {"cpu_bytes": -1},
+        {"cpu_bytes": 1.5},
+        {"offload_prompt_only": "yes"},
+        {"kernel": "cuda"},
+        {"max_recompute_tokens": 0},
+        {"cpu_byte": 1},
+    ):
+        with pytest.raises(ConfigError):
+            parse_config(bad)
