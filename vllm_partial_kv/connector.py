@@ -233,20 +233,17 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             }
             capture.bind_buffers(act_buffers)
         views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
-        hidden = model_shape(vllm_config).hidden_size
+        self.shape = model_shape(vllm_config)
         kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
-        act_bytes = self.block_size * hidden * dtype.itemsize * len(views) if self.with_act else 0
-        # The same formula as the scheduler's, from the real tensors.
-        num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes)
-        pool = HostPool(
-            num_slots, views, (self.block_size, hidden) if self.with_act else None, dtype,
-            pin=device.type == "cuda",
-        )
+        act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
+        # The scheduler's formula, from the real tensors: both halves must agree on the slots.
+        num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes * self.with_act)
+        act_shape = (self.block_size, self.shape.hidden_size) if self.with_act else None
+        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda")
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
             self.cfg.max_recompute_tokens, self.cfg.kernel,
         )
-        self.shape = model_shape(vllm_config)
         if self.with_act and self.cfg.recompute_ratio is None:
             self.profile = self._load_profile(device, dtype)
 

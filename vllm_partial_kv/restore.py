@@ -95,6 +95,8 @@ class RestoreRuntime:
             for n, b in act_buffers.items()
         }
         self.copy = _RowCopier()
+        self._kv_slot_bytes = sum(t[0].numel() * t.element_size() for v in pool.kv.values() for t in v)
+        self._act_slot_bytes = sum(t[0].numel() * t.element_size() for t in pool.act.values())
         self.device = next(iter(kv_caches.values())).device
         self.cuda = self.device.type == "cuda"
         self.max_recompute_tokens = max_recompute_tokens - max_recompute_tokens % block_size
@@ -134,13 +136,8 @@ class RestoreRuntime:
             if with_activations and name in self.act_views:
                 self.copy(self.pool.act[name], slots, self.act_views[name], block_ids)
         self.stats.stored_blocks += len(block_ids)
-        self.stats.bytes_to_host += len(block_ids) * self._slot_bytes(with_activations)
-
-    def _slot_bytes(self, with_activations: bool) -> int:
-        per = sum(t[0].numel() * t.element_size() for v in self.pool.kv.values() for t in v)
-        if with_activations:
-            per += sum(t[0].numel() * t.element_size() for t in self.pool.act.values())
-        return per
+        per_block = self._kv_slot_bytes + self._act_slot_bytes * with_activations
+        self.stats.bytes_to_host += len(block_ids) * per_block
 
     # ---------------------------------------------------------------- restores (host -> device)
     def load(self, loads: list[LoadSpec]) -> None:
@@ -179,9 +176,9 @@ class RestoreRuntime:
             self.stats.restore_seconds.append(time.perf_counter() - t0)
         self.stats.loaded_blocks += len(kv_blocks) + len(rc_blocks)
         self.stats.recomputed_blocks += len(rc_blocks)
-        kv_bytes = sum(t[0].numel() * t.element_size() for v in self.pool.kv.values() for t in v)
-        act_bytes = sum(t[0].numel() * t.element_size() for t in self.pool.act.values())
-        self.stats.bytes_to_device += len(kv_blocks) * kv_bytes + len(rc_blocks) * act_bytes
+        self.stats.bytes_to_device += (
+            len(kv_blocks) * self._kv_slot_bytes + len(rc_blocks) * self._act_slot_bytes
+        )
 
     def _load_pipelined(self, rc_slots, kv_slots, kv_blocks, n_rc: int) -> None:
         main = torch.cuda.current_stream(self.device)
