@@ -110,12 +110,12 @@ def child(args) -> dict:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     worker = get_kv_transfer_group()
-    profile = worker._load_profile(worker.runtime.device, llm.llm_engine.model_config.dtype)
+    profiles = worker._load_profiles(worker.runtime.device, llm.llm_engine.model_config.dtype)
     out["sweep"] = []
     for ratio in RATIOS:
         auto = ratio == "auto"
         worker.cfg = worker.cfg.__class__(**{**worker.cfg.__dict__, "recompute_ratio": None if auto else ratio})
-        worker.profile = profile
+        worker.profiles = profiles
         cpu_hit()  # warm-up (Triton autotune, first-touch)
         before = dict(worker.totals.data)
         t = _time(cpu_hit, args.repeats)

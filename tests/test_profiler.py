@@ -109,9 +109,11 @@ def test_key_changes_with_shape_and_dtype(tmp_path, fake):
     load(tmp_path)
     load(tmp_path, shape=ModelShape(3, 256, 4, 64, 4, 16))
     load(tmp_path, dtype=torch.bfloat16)
-    assert fake.calls == 3 and len(list(tmp_path.glob("*.json"))) == 3
+    load(tmp_path, with_load=True)  # the busy-GPU profile is a measurement of its own
+    assert fake.calls == 4 and len(list(tmp_path.glob("*.json"))) == 4
     load(tmp_path)
-    assert fake.calls == 3
+    load(tmp_path, with_load=True)
+    assert fake.calls == 4
 
 
 def test_corrupt_cache_is_measured_again(tmp_path, fake, caplog):

@@ -89,6 +89,7 @@ def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: boo
 @dataclass
 class PartialKVMetadata(compat.KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
+    busy: bool = False  # the step also computes for requests that are not restoring
     store_block_ids: list[int] = field(default_factory=list)
     store_slots: list[int] = field(default_factory=list)
 
@@ -122,7 +123,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 "auto" if self.cfg.recompute_ratio is None else self.cfg.recompute_ratio,
             )
         else:
-            self.profile: planner.Profile | None = None
+            self.profiles: dict[bool, planner.Profile] = {}  # keyed by "GPU busy with decodes"
             self._stats = PartialKVStats()
             self.totals = PartialKVStats()  # since start-up, for logs and tests
 
@@ -176,6 +177,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 )
                 state.load = None
             self._plan_stores(req_id, state, scheduler_output, meta)
+        meta.busy = len(scheduler_output.num_scheduled_tokens) > len(meta.loads)
         # Loads of this step are issued before its stores: their slots may be reused now.
         for state in self.reqs.values():
             if state.pinned:
@@ -245,35 +247,40 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self.cfg.max_recompute_tokens, self.cfg.kernel,
         )
         if self.with_act and self.cfg.recompute_ratio is None:
-            self.profile = self._load_profile(device, dtype)
+            self.profiles = self._load_profiles(device, dtype)
 
-    def _load_profile(self, device: torch.device, dtype: torch.dtype) -> planner.Profile:
+    def _load_profiles(self, device: torch.device, dtype: torch.dtype) -> dict[bool, planner.Profile]:
+        """Idle and busy profiles: a restore that shares the GPU with other requests' forward
+        recomputes slower, so it should recompute less."""
         from vllm_partial_kv import profiler
         from vllm_partial_kv.kernels import recompute_kv
 
         def fn(*args, **kwargs):
             return recompute_kv(*args, backend=self.cfg.kernel, **kwargs)
 
-        return profiler.load_or_measure(
-            self.shape, device=device, recompute_fn=fn, dtype=dtype,
-            cache_dir=self.cfg.profile_cache_dir,
-        )
+        return {
+            busy: profiler.load_or_measure(
+                self.shape, device=device, recompute_fn=fn, dtype=dtype,
+                cache_dir=self.cfg.profile_cache_dir, with_load=busy,
+            )
+            for busy in (False, True)
+        }
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
-        self._choose_split(meta.loads)
+        self._choose_split(meta.loads, meta.busy)
         self.runtime.load(meta.loads)
 
-    def _choose_split(self, loads: list[LoadSpec]) -> None:
+    def _choose_split(self, loads: list[LoadSpec], busy: bool) -> None:
         """Per batch: how many leading blocks of each restore to recompute from activations."""
         requests = [planner.RestoreRequest(len(s.block_ids), s.recompute_blocks) for s in loads]
         if not self.with_act:
             split = [0] * len(loads)
         else:
             split = planner.plan_split(
-                self.shape, self.profile, requests, ratio=self.cfg.recompute_ratio,
+                self.shape, self.profiles.get(busy), requests, ratio=self.cfg.recompute_ratio,
                 max_recompute_tokens=self.runtime.max_recompute_tokens,
             )
         for spec, r in zip(loads, split):

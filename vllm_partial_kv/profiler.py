@@ -73,11 +73,13 @@ def load_or_measure(
     dtype: torch.dtype,
     cache_dir: str | os.PathLike | None = None,
     refresh: bool = False,
+    with_load: bool = False,
 ) -> Profile:
-    """The cached Profile for this device, software stack, shape and dtype, measured if absent,
-    stale, corrupt or `refresh` is set."""
+    """The cached Profile for this device, software stack, shape and dtype (and load: with_load
+    measures recompute next to a concurrent matmul stream), measured if absent, stale, corrupt
+    or `refresh` is set."""
     device = torch.device(device)
-    key = _cache_key(shape, device, dtype)
+    key = {**_cache_key(shape, device, dtype), "with_load": with_load}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir(cache_dir) / f"profile-{digest}.json"
     if not refresh and path.exists():
@@ -91,7 +93,9 @@ def load_or_measure(
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("partial_kv: profile cache %s is unreadable (%s), re-measuring", path, exc)
     started = time.perf_counter()
-    profile = measure_profile(shape, device=device, recompute_fn=recompute_fn, dtype=dtype)
+    profile = measure_profile(
+        shape, device=device, recompute_fn=recompute_fn, dtype=dtype, with_load=with_load
+    )
     logger.info("partial_kv: measured profile in %.1f s", time.perf_counter() - started)
     try:
         _write_atomic(path, json.dumps({"key": key, "profile": profile.to_dict()}, indent=1))
