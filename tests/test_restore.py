@@ -82,6 +82,8 @@ def test_restored_kv_equals_original(arch, tiny_model, make_llm):
         (load,) = runtime.last_loads
         assert len(load.block_ids) == 9
         assert abs(load.recompute_blocks - ratio * 9) <= 0.5
+        # vLLM's forward waited for each restored layer just before its attention, in order.
+        assert runtime.last_waited == runtime.names and runtime.layerwise
         worst = 0.0
         for name in runtime.names:
             for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):

@@ -63,6 +63,14 @@ def current_slot_mapping(layer_name: str) -> torch.Tensor | None:
     return slots.get(layer_name)
 
 
+def calls_layer_waits(forward_context: Any) -> bool:
+    """Whether this step's forward calls the connector's `wait_for_layer_load` for each layer:
+    vLLM does around every attention op, except inside a replayed full CUDA graph."""
+    from vllm.config import CUDAGraphMode
+
+    return getattr(forward_context, "cudagraph_runtime_mode", None) != CUDAGraphMode.FULL
+
+
 def wrap_model_loader(after_load: Callable[[torch.nn.Module, Any], None]) -> None:
     """Run `after_load(model, vllm_config)` right after vLLM builds and loads a model, before its
     memory-profiling run and torch.compile, which is where graph-safe hooks must go."""

@@ -271,7 +271,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
         self._choose_split(meta.loads, meta.busy)
-        self.runtime.load(meta.loads)
+        self.runtime.load(meta.loads, layerwise=compat.calls_layer_waits(forward_context))
 
     def _choose_split(self, loads: list[LoadSpec], busy: bool) -> None:
         """Per batch: how many leading blocks of each restore to recompute from activations."""
@@ -288,14 +288,18 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         logger.debug("partial_kv: restoring %s blocks, recomputing %s", [len(s.block_ids) for s in loads], split)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # the whole restore completes on the stream before the forward starts
+        if self.runtime is not None:
+            self.runtime.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
         return  # blocks are stored whole after the forward, in wait_for_save
 
     def wait_for_save(self) -> None:
+        if self.runtime is None:
+            return
+        self.runtime.finish_step()
         meta = self._get_connector_metadata()
-        if not isinstance(meta, PartialKVMetadata) or self.runtime is None:
+        if not isinstance(meta, PartialKVMetadata):
             return
         self.runtime.store(meta.store_block_ids, meta.store_slots, self.with_act)
 

@@ -4,13 +4,17 @@ Restore pipeline (CUDA), per layer l, on two side streams:
     copy stream:    activations of the recomputed blocks -> staging[l % 2], then K/V of the
                     streamed blocks -> their paged blocks
     compute stream: wait for layer l's activations, recompute K/V into the paged blocks,
-                    release staging[l % 2] for layer l + 2
-so layer l+1's copies overlap layer l's recompute. The forward waits for both streams once.
+                    release staging[l % 2] for layer l + 2, wait for layer l's K/V copy,
+                    mark layer l done
+so layer l+1's copies overlap layer l's recompute, and the forward's attention for layer l
+(`wait_layer`, called by vLLM from inside the forward) waits only for layer l. A step replayed
+as one full CUDA graph never calls back, so there the forward waits for the whole restore.
 On the CPU the same steps run one after the other.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +23,8 @@ import torch
 from vllm_partial_kv import compat
 from vllm_partial_kv.capture import LayerRecompute
 from vllm_partial_kv.store import HostPool
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,32 +47,51 @@ class StepStats:
     restore_seconds: list[float] = field(default_factory=list)
 
 
+def copy_rows_as_bytes(memcpy, dst: torch.Tensor, dst_idx: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor) -> None:
+    """dst[dst_idx[i]] = src[src_idx[i]] for whole slot-rows, as raw bytes in one batched call.
+
+    No layout knowledge is needed as long as a row is one dense chunk and both sides keep its
+    elements in the same order (the host pool mirrors the device strides): vLLM 0.26's
+    FlashAttention cache, for one, is logically [blocks, heads, block, 2*head] but stored NHD.
+    """
+    row = src[0].numel() * src.element_size()
+    for t in (dst, src):
+        if t.stride(0) * t.element_size() != row or t[0].numel() * t.element_size() != row:
+            raise ValueError(f"slot rows of {tuple(t.shape)} are not dense: cannot copy them as bytes")
+    if dst.stride()[1:] != src.stride()[1:]:
+        raise ValueError(
+            f"host and device blocks keep their elements in different orders "
+            f"({dst.stride()} vs {src.stride()})"
+        )
+    memcpy(src_idx * row + src.data_ptr(), dst_idx * row + dst.data_ptr(), torch.full_like(src_idx, row))
+
+
 class _RowCopier:
-    """Copies whole slot-rows between a host tensor and a device tensor (both slot-first)."""
+    """Copies whole slot-rows between a host tensor and a device tensor (both slot-first); the
+    indices are CPU int64 tensors built once per step and shared by every layer."""
 
     def __init__(self) -> None:
         self._memcpy = compat.batched_memcpy()
 
-    def __call__(self, dst: torch.Tensor, dst_idx: list[int], src: torch.Tensor, src_idx: list[int]):
-        if not dst_idx:
+    def __call__(self, dst: torch.Tensor, dst_idx: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor):
+        if not len(dst_idx):
             return
-        if max(dst_idx) >= dst.shape[0] or max(src_idx) >= src.shape[0]:
+        if int(dst_idx.max()) >= dst.shape[0] or int(src_idx.max()) >= src.shape[0]:
             raise IndexError(
-                f"block copy out of range ({max(src_idx)} of {src.shape[0]} -> "
-                f"{max(dst_idx)} of {dst.shape[0]}): scheduler and worker disagree on the store size"
+                f"block copy out of range ({int(src_idx.max())} of {src.shape[0]} -> "
+                f"{int(dst_idx.max())} of {dst.shape[0]}): scheduler and worker disagree on the store size"
             )
         if self._memcpy is not None and (dst.is_cuda or src.is_cuda):
-            row = src[0].numel() * src.element_size()
-            if dst.stride(0) * dst.element_size() != row or src.stride(0) * src.element_size() != row:
-                raise ValueError("slot rows must be dense to be copied as bytes")
-            d = torch.tensor(dst_idx, dtype=torch.int64) * row + dst.data_ptr()
-            s = torch.tensor(src_idx, dtype=torch.int64) * row + src.data_ptr()
-            self._memcpy(s, d, torch.full_like(s, row))
+            copy_rows_as_bytes(self._memcpy, dst, dst_idx, src, src_idx)
         elif dst.device == src.device:
-            dst.index_copy_(0, torch.tensor(dst_idx, device=dst.device), src[src_idx])
+            dst.index_copy_(0, dst_idx.to(dst.device), src[src_idx.to(src.device)])
         else:  # no batched copy available: one copy per row
-            for di, si in zip(dst_idx, src_idx):
+            for di, si in zip(dst_idx.tolist(), src_idx.tolist()):
                 dst[di].copy_(src[si], non_blocking=True)
+
+
+def _index(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
 
 
 class RestoreRuntime:
@@ -115,14 +140,24 @@ class RestoreRuntime:
             ]
             self._slots_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
             self._pos_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
-        if self.cuda:
-            self.copy_stream = torch.cuda.Stream(self.device)
-            self.compute_stream = torch.cuda.Stream(self.device)
-            self._free = [torch.cuda.Event(), torch.cuda.Event()]
-            self._x_ready = torch.cuda.Event()
         self.stats = StepStats()
         self.last_loads: list[LoadSpec] = []  # the latest restore, for logs and tests
+        self.last_waited: list[str] = []  # layers the latest restoring forward waited for, in order
+        self.layerwise = True  # cleared for good if vLLM ever skips a layer's wait
+        self._awaiting: dict[str, torch.cuda.Event | None] = {}
+        self._restoring = False  # a restore was issued since the last finish_step
         self._pending_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        if self.cuda:
+            self._init_streams()
+
+    def _init_streams(self) -> None:
+        """Streams and events, created once: nothing is allocated per restore."""
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.compute_stream = torch.cuda.Stream(self.device)
+        self._free = [torch.cuda.Event(), torch.cuda.Event()]
+        self._x_ready = torch.cuda.Event()
+        self._kv_ready = torch.cuda.Event()
+        self._layer_done = {name: torch.cuda.Event() for name in self.names}
 
     # ---------------------------------------------------------------- stores (device -> host)
     def store(self, block_ids: list[int], slots: list[int], with_activations: bool) -> None:
@@ -130,20 +165,26 @@ class RestoreRuntime:
         wrote them and before any later step that could reuse the GPU blocks."""
         if not block_ids:
             return
+        slot_idx, block_idx = _index(slots), _index(block_ids)
         for name in self.names:
             for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
-                self.copy(dst, slots, src, block_ids)
+                self.copy(dst, slot_idx, src, block_idx)
             if with_activations and name in self.act_views:
-                self.copy(self.pool.act[name], slots, self.act_views[name], block_ids)
+                self.copy(self.pool.act[name], slot_idx, self.act_views[name], block_idx)
         self.stats.stored_blocks += len(block_ids)
         per_block = self._kv_slot_bytes + self._act_slot_bytes * with_activations
         self.stats.bytes_to_host += len(block_ids) * per_block
 
     # ---------------------------------------------------------------- restores (host -> device)
-    def load(self, loads: list[LoadSpec]) -> None:
+    def load(self, loads: list[LoadSpec], layerwise: bool = True) -> None:
+        """Issue a step's restores. With `layerwise`, the forward must call `wait_layer` for every
+        layer before reading it (vLLM does, around each attention op); otherwise the current
+        stream waits here for the whole restore."""
         if not loads:
             return
         self.last_loads = loads
+        self.last_waited = []
+        self._restoring = True
         rc_slots, rc_blocks, positions = [], [], []
         kv_slots, kv_blocks = [], []
         for spec in loads:
@@ -162,52 +203,92 @@ class RestoreRuntime:
         if n_rc:
             blocks = torch.tensor(rc_blocks, dtype=torch.long)
             slot_map = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
-            self._slots_buf[:n_rc].copy_(slot_map, non_blocking=True)
-            self._pos_buf[:n_rc].copy_(torch.cat(positions), non_blocking=True)
+            self._write_index(slot_map, torch.cat(positions))
+        layerwise = layerwise and self.layerwise
+        kv_idx = (_index(kv_slots), _index(kv_blocks))
+        rc_idx = (_index(rc_slots), torch.arange(len(rc_slots)))  # host slot -> staging row
         if self.cuda:
-            self._load_pipelined(rc_slots, kv_slots, kv_blocks, n_rc)
+            self._load_pipelined(rc_idx, kv_idx, n_rc, layerwise)
         else:
             t0 = time.perf_counter()
             for name in self.names:
-                self._copy_kv(name, kv_slots, kv_blocks)
+                self._copy_kv(name, *kv_idx)
                 if n_rc:
-                    self.copy(self.staging[0], list(range(len(rc_slots))), self.pool.act[name], rc_slots)
+                    self.copy(self.staging[0], rc_idx[1], self.pool.act[name], rc_idx[0])
                     self._recompute(name, self.staging[0].view(-1, self.staging[0].shape[-1])[:n_rc], n_rc)
             self.stats.restore_seconds.append(time.perf_counter() - t0)
+            if layerwise:  # nothing to wait for, but the forward's calls are still checked
+                self._awaiting = dict.fromkeys(self.names)
         self.stats.loaded_blocks += len(kv_blocks) + len(rc_blocks)
         self.stats.recomputed_blocks += len(rc_blocks)
         self.stats.bytes_to_device += (
             len(kv_blocks) * self._kv_slot_bytes + len(rc_blocks) * self._act_slot_bytes
         )
 
-    def _load_pipelined(self, rc_slots, kv_slots, kv_blocks, n_rc: int) -> None:
+    def _write_index(self, slot_map: torch.Tensor, positions: torch.Tensor) -> None:
+        """Slots and positions of the recomputed tokens, on the current stream (the compute
+        stream waits for it; the next write waits for this restore through `finish_step`)."""
+        n = slot_map.numel()
+        self._slots_buf[:n].copy_(slot_map, non_blocking=True)
+        self._pos_buf[:n].copy_(positions, non_blocking=True)
+
+    def _load_pipelined(self, rc_idx, kv_idx, n_rc: int, layerwise: bool) -> None:
         main = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         main.record_event(start)
-        self.copy_stream.wait_stream(main)  # after earlier stores into the same host slots
-        self.compute_stream.wait_stream(main)
-        staged_rows = list(range(len(rc_slots)))
+        # After earlier stores into the same host slots and this restore's index write; the
+        # compute stream follows through its waits on the copy stream's events.
+        self.copy_stream.wait_stream(main)
         for layer, name in enumerate(self.names):
             slot = layer % 2
             with torch.cuda.stream(self.copy_stream):
                 if n_rc:
                     if layer >= 2:
                         self.copy_stream.wait_event(self._free[slot])
-                    self.copy(self.staging[slot], staged_rows, self.pool.act[name], rc_slots)
+                    self.copy(self.staging[slot], rc_idx[1], self.pool.act[name], rc_idx[0])
                     self.copy_stream.record_event(self._x_ready)
-                self._copy_kv(name, kv_slots, kv_blocks)
-            if n_rc:
-                with torch.cuda.stream(self.compute_stream):
+                self._copy_kv(name, *kv_idx)
+                self.copy_stream.record_event(self._kv_ready)
+            with torch.cuda.stream(self.compute_stream):
+                if n_rc:
                     self.compute_stream.wait_event(self._x_ready)
                     x = self.staging[slot].view(-1, self.staging[slot].shape[-1])[:n_rc]
                     self._recompute(name, x, n_rc)
                     self.compute_stream.record_event(self._free[slot])
-        main.wait_stream(self.copy_stream)
-        main.wait_stream(self.compute_stream)
-        main.record_event(end)
+                self.compute_stream.wait_event(self._kv_ready)
+                self.compute_stream.record_event(self._layer_done[name])
+        self.compute_stream.record_event(end)
         self._pending_timers.append((start, end))
+        if layerwise:
+            self._awaiting = dict(self._layer_done)
+        else:
+            main.wait_event(self._layer_done[self.names[-1]])
 
-    def _copy_kv(self, name: str, slots: list[int], blocks: list[int]) -> None:
+    def wait_layer(self, name: str) -> None:
+        """Called before the forward reads layer `name`: order it after that layer's restore."""
+        if name not in self._awaiting:
+            return  # no restore this step, or a layer vLLM calls twice
+        event = self._awaiting.pop(name)
+        self.last_waited.append(name)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def finish_step(self) -> None:
+        """After the forward: order everything later (stores, the next restore's index and
+        staging writes) after this step's restore, and catch forwards that skipped a wait."""
+        if self.cuda and self._restoring:
+            torch.cuda.current_stream(self.device).wait_event(self._layer_done[self.names[-1]])
+        self._restoring = False
+        if self._awaiting:
+            logger.warning(
+                "partial_kv: the forward read %d restored layers without waiting for them "
+                "(first: %s); from now on the whole restore completes before the forward",
+                len(self._awaiting), next(iter(self._awaiting)),
+            )
+            self.layerwise = False
+            self._awaiting = {}
+
+    def _copy_kv(self, name: str, slots: torch.Tensor, blocks: torch.Tensor) -> None:
         for dst, src in zip(self.gpu_views[name], self.pool.kv[name]):
             self.copy(dst, blocks, src, slots)
 

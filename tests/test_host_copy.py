@@ -1,0 +1,80 @@
+"""Block copies between the host pool and vLLM's paged KV caches as raw bytes, in every GPU layout.
+
+On the GPU the copies go through vLLM's batched driver copy (`swap_blocks_batch`), which moves
+bytes and knows nothing of layouts. Here host memory stands in for device memory and `memmove`
+for the driver copy, so the address arithmetic, the host pool's stride mirroring and the layout
+views run exactly as on the GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from vllm_partial_kv import compat
+from vllm_partial_kv.restore import copy_rows_as_bytes
+from vllm_partial_kv.store import HostPool
+
+NB, BS, H, D = 6, 16, 4, 8
+
+
+def memmove(src_ptrs: torch.Tensor, dst_ptrs: torch.Tensor, sizes: torch.Tensor) -> None:
+    for s, d, n in zip(src_ptrs.tolist(), dst_ptrs.tolist(), sizes.tolist()):
+        ctypes.memmove(d, s, n)
+
+
+def _layouts() -> dict[str, torch.Tensor]:
+    """Empty caches with the logical shape and physical order of each backend."""
+    return {
+        # vLLM 0.26 FlashAttention: logical [blocks, heads, block, 2*head], stored NHD.
+        "flash_attn_0.26": torch.empty(NB, BS, H, 2 * D).permute(0, 2, 1, 3),
+        "flash_attn_kv_first": torch.empty(2, NB, BS, H, D),
+        "flashinfer_nhd": torch.empty(NB, 2, BS, H, D),
+        "flashinfer_hnd": torch.empty(NB, 2, H, BS, D).permute(0, 1, 3, 2, 4),
+        "cpu_0.32": torch.empty(NB, H, BS, 2 * D),
+    }
+
+
+def _idx(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_blocks_round_trip_through_the_host_pool(layout: str) -> None:
+    cache = _layouts()[layout]
+    cache.copy_(torch.randn(cache.shape))
+    views = compat.block_views(cache, NB)
+    original_k, original_v = (t.clone() for t in compat.kv_cache_views(cache, NB))
+    pool = HostPool(4, {"layer": views}, None, cache.dtype, pin=False)
+
+    blocks, slots = [4, 1, 3], [2, 0, 3]
+    for host, dev in zip(pool.kv["layer"], views):
+        copy_rows_as_bytes(memmove, host, _idx(slots), dev, _idx(blocks))
+        assert torch.equal(host[slots], dev[blocks])  # logically the same block, element by element
+
+    cache.zero_()
+    targets = [0, 5, 2]  # restore into other blocks, as after eviction
+    for host, dev in zip(pool.kv["layer"], views):
+        copy_rows_as_bytes(memmove, dev, _idx(targets), host, _idx(slots))
+    k, v = compat.kv_cache_views(cache, NB)  # the views the Triton kernel and attention read
+    assert torch.equal(k[targets], original_k[blocks]) and torch.equal(v[targets], original_v[blocks])
+    untouched = [b for b in range(NB) if b not in targets]
+    assert not k[untouched].any() and not v[untouched].any()
+
+
+def test_host_rows_in_another_element_order_are_refused() -> None:
+    """The bug that once scrambled restores on vLLM 0.26: host blocks laid out in the logical
+    order of a cache stored in another one."""
+    cache = _layouts()["flash_attn_0.26"]
+    host = torch.empty(4, *cache.shape[1:])  # contiguous in logical order
+    with pytest.raises(ValueError, match="different orders"):
+        copy_rows_as_bytes(memmove, host, _idx([0]), cache, _idx([1]))
+
+
+def test_rows_that_are_not_dense_are_refused() -> None:
+    cache = torch.empty(NB, BS, H, 2 * D)[:, :, :, :D]  # every row has holes
+    host = torch.empty_strided((4, BS, H, D), cache.stride())
+    with pytest.raises(ValueError, match="not dense"):
+        copy_rows_as_bytes(memmove, host, _idx([0]), cache, _idx([1]))

@@ -1,0 +1,208 @@
+"""The CUDA restore pipeline's stream ordering, checked without a GPU.
+
+CUDA streams and events are replaced by a vector-clock model of their semantics (work on a stream
+runs in issue order; `wait_event` orders later work after the event's record; `wait_stream` after
+everything issued so far on the other stream). The runtime's real `_load_pipelined`, `wait_layer`
+and `finish_step` run against it, with copies and recomputes logged as operations, and every
+read-after-write and write-after-read the restore relies on is checked as a happens-before
+relation. The same code runs on the GPU in `test_restore.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+
+import pytest
+import torch
+
+from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
+from vllm_partial_kv.store import HostPool
+
+LAYERS, BLOCKS, BS, HEADS, HEAD, HIDDEN = 4, 16, 4, 2, 8, 32
+
+Clock = dict[int, int]
+
+
+def _merge(into: Clock, other: Clock) -> None:
+    for k, v in other.items():
+        into[k] = max(into.get(k, 0), v)
+
+
+class FakeEvent:
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.clock: Clock = {}
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return 0.0
+
+
+class FakeStream:
+    _ids = itertools.count()
+
+    def __init__(self, device=None) -> None:
+        self.id = next(self._ids)
+        self.clock: Clock = {}
+
+    def tick(self) -> Clock:
+        self.clock[self.id] = self.clock.get(self.id, 0) + 1
+        return dict(self.clock)
+
+    def record_event(self, event: FakeEvent) -> None:
+        event.clock = dict(self.clock)
+
+    def wait_event(self, event: FakeEvent) -> None:
+        _merge(self.clock, event.clock)
+
+    def wait_stream(self, other: FakeStream) -> None:
+        _merge(self.clock, other.clock)
+
+
+class Timeline:
+    """The fake CUDA runtime: a main stream, the current stream, and the operations issued."""
+
+    def __init__(self) -> None:
+        self.main = self.current = FakeStream()
+        self.ops: list[tuple[tuple, Clock]] = []
+
+    def op(self, *label) -> None:
+        self.ops.append((label, self.current.tick()))
+
+    @contextlib.contextmanager
+    def stream(self, s: FakeStream):
+        previous, self.current = self.current, s
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def find(self, *label) -> list[Clock]:
+        found = [clock for lab, clock in self.ops if lab == label]
+        assert found, f"no operation {label}"
+        return found
+
+    def before(self, a: tuple, b: tuple, step: int = -1) -> bool:
+        """Whether the `step`-th operation labelled a happens before that labelled b."""
+        ca, cb = self.find(*a)[step], self.find(*b)[step]
+        return all(cb.get(k, 0) >= v for k, v in ca.items())
+
+
+@pytest.fixture
+def rig(monkeypatch):
+    tl = Timeline()
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: tl.current)
+    monkeypatch.setattr(torch.cuda, "stream", tl.stream)
+
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    kv_caches = {n: torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD) for n in names}
+    acts = {n: torch.zeros(BLOCKS * BS + 1, HIDDEN) for n in names}
+    pool = HostPool(8, {n: [t] for n, t in kv_caches.items()}, (BS, HIDDEN), torch.float32, pin=False)
+    rt = RestoreRuntime(kv_caches, BLOCKS, BS, pool, acts, dict.fromkeys(names), 8 * BS)
+    rt.cuda = True  # from here on the CUDA path runs against the fake streams
+    rt._init_streams()
+    rt.staging = [rt.staging[0], rt.staging[0].clone()]
+    act_src = {id(t): n for n, t in pool.act.items()}
+
+    def copy(dst, dst_idx, src, src_idx):
+        for i, staging in enumerate(rt.staging):
+            if dst is staging:
+                return tl.op("act", act_src[id(src)], i)
+        for name in names:
+            if dst is rt.gpu_views[name][0]:
+                return tl.op("kv", name)
+            if dst is pool.kv[name][0] or dst is pool.act[name]:
+                return tl.op("store", name)
+        raise AssertionError("copy to an unknown tensor")
+
+    def recompute(name, x, n):
+        (slot,) = [i for i, s in enumerate(rt.staging) if s.data_ptr() == x.data_ptr()]
+        tl.op("rc", name, slot)
+
+    rt.copy = copy
+    rt._recompute = recompute
+    rt._write_index = lambda slot_map, positions: tl.op("index")
+    return tl, rt, names
+
+
+def _forward(tl: Timeline, rt: RestoreRuntime, names: list[str], skip: str | None = None) -> None:
+    """What vLLM does in a step: attention of each layer behind `wait_for_layer_load`."""
+    for name in names:
+        if name != skip:
+            rt.wait_layer(name)
+        tl.op("read", name)
+    rt.finish_step()
+
+
+def _step(tl, rt, names, recompute_blocks: int, layerwise: bool = True, skip=None) -> None:
+    rt.load([LoadSpec([0, 1, 2], [5, 6, 7], 0, recompute_blocks)], layerwise=layerwise)
+    _forward(tl, rt, names, skip)
+    rt.store([9], [3], with_activations=True)
+
+
+def test_each_layer_is_read_after_its_own_restore_only(rig):
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=2)
+    for i, name in enumerate(names):
+        slot = i % 2
+        assert tl.before(("index",), ("rc", name, slot))
+        assert tl.before(("act", name, slot), ("rc", name, slot))
+        assert tl.before(("kv", name), ("read", name))
+        assert tl.before(("rc", name, slot), ("read", name))
+        if i + 2 < len(names):  # staging slot reused two layers later
+            assert tl.before(("rc", name, slot), ("act", names[i + 2], slot))
+    # The forward's first layer does not wait for the last layer's restore.
+    assert not tl.before(("kv", names[-1]), ("read", names[0]))
+    assert not tl.before(("rc", names[-1], 1), ("read", names[0]))
+    assert rt.last_waited == names and rt.layerwise
+
+
+def test_next_step_is_ordered_after_this_ones_restore_and_stores(rig):
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=2)
+    _step(tl, rt, names, recompute_blocks=1)
+    last = names[-1]
+    # The store reads blocks the restore wrote, and the next restore reads slots it wrote.
+    assert tl.before(("rc", last, 1), ("store", names[0]), step=0)
+    assert tl.before(("kv", last), ("store", names[0]), step=0)
+    first_store, second_kv = tl.find("store", names[0])[0], tl.find("kv", names[0])[1]
+    assert all(second_kv.get(k, 0) >= v for k, v in first_store.items())
+    # The index and staging buffers are rewritten only after the last step's recomputes read them.
+    second_index = tl.find("index")[1]
+    for name, slot in ((names[-2], 0), (last, 1)):
+        read = tl.find("rc", name, slot)[0]
+        rewrite = tl.find("act", names[slot], slot)[1]
+        assert all(second_index.get(k, 0) >= v for k, v in read.items())
+        assert all(rewrite.get(k, 0) >= v for k, v in read.items())
+
+
+def test_streamed_only_restore_is_waited_per_layer(rig):
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=0)
+    assert not [lab for lab, _ in tl.ops if lab[0] in ("act", "rc")]
+    for name in names:
+        assert tl.before(("kv", name), ("read", name))
+    assert not tl.before(("kv", names[-1]), ("read", names[0]))
+
+
+def test_full_cuda_graph_step_waits_for_the_whole_restore(rig):
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=2, layerwise=False)
+    assert tl.before(("kv", names[-1]), ("read", names[0]))
+    assert tl.before(("rc", names[-1], 1), ("read", names[0]))
+    assert rt.last_waited == []
+
+
+def test_a_skipped_wait_switches_to_whole_restores(rig, caplog):
+    tl, rt, names = rig
+    with caplog.at_level(logging.WARNING, logger="vllm_partial_kv.restore"):
+        _step(tl, rt, names, recompute_blocks=2, skip=names[2])
+    assert not rt.layerwise and "without waiting" in caplog.text
+    _step(tl, rt, names, recompute_blocks=2)  # asks for layerwise, gets whole
+    assert tl.before(("kv", names[-1]), ("read", names[0]))
+    assert tl.before(("rc", names[-1], 1), ("read", names[0]))
