@@ -173,3 +173,11 @@ def test_bad_config_is_rejected_at_startup(tiny_model, make_llm):
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(1.5))
     with pytest.raises(Exception, match="unknown kv_connector_extra_config"):
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5, bogus=1))
+
+
+def test_no_room_for_the_store_is_a_clear_startup_error(tiny_model, make_llm, monkeypatch):
+    from vllm_partial_kv import store
+
+    monkeypatch.setattr(store, "available_bytes", lambda device: 1 << 20)
+    with pytest.raises(Exception, match="partial_kv needs .* GiB of .* memory"):
+        make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))

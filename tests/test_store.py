@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vllm_partial_kv.config import ConfigError, parse_config
 from vllm_partial_kv.store import BlockIndex, slots_for_budget
@@ -81,3 +82,17 @@ def test_config_defaults_and_errors():
     ):
         with pytest.raises(ConfigError):
             parse_config(bad)
+
+
+def test_no_room_is_a_clear_error(monkeypatch):
+    from vllm_partial_kv import store
+
+    free = {"cpu": 8 << 30, "cuda": 1 << 30}
+    monkeypatch.setattr(store, "available_bytes", lambda device: free[device.type])
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    store.ensure_room({cpu: 8 << 30, gpu: 1 << 30})  # exactly fits
+    with pytest.raises(RuntimeError, match=r"2\.00 GiB of cuda:0 memory .* 1\.00 GiB .*gpu-memory-utilization"):
+        store.ensure_room({cpu: 1, gpu: 2 << 30})
+    with pytest.raises(RuntimeError, match=r"of cpu memory .*cpu_bytes"):
+        store.ensure_room({cpu: 9 << 30, gpu: 1})
+    assert store.available_bytes(cpu) > 0

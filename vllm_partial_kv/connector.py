@@ -21,7 +21,7 @@ from vllm_partial_kv import capture, compat, planner
 from vllm_partial_kv.config import PartialKVConfig, parse_config
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
-from vllm_partial_kv.store import BlockIndex, HostPool, slots_for_budget
+from vllm_partial_kv.store import BlockIndex, HostPool, ensure_room, slots_for_budget
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -226,20 +226,27 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             )
         device = next(iter(kv_caches.values())).device
         dtype = vllm_config.model_config.dtype
-        act_buffers = {}
-        if self.with_act:
-            rows = num_blocks * self.block_size + 1
-            act_buffers = {
-                n: torch.zeros(rows, layers[n].hidden_size, dtype=dtype, device=device)
-                for n in kv_caches
-            }
-            capture.bind_buffers(act_buffers)
         views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
         self.shape = model_shape(vllm_config)
         kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
         num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes * self.with_act)
+        rows = num_blocks * self.block_size + 1
+        on_device = self.with_act * self.shape.act_bytes_per_token * (
+            rows * len(views) + 2 * self.cfg.max_recompute_tokens  # capture + staging
+        )
+        host = device if device.type == "cpu" else torch.device("cpu")
+        needs = {device: on_device}
+        needs[host] = needs.get(host, 0) + num_slots * (kv_bytes + act_bytes * self.with_act)
+        ensure_room(needs)
+        act_buffers = {}
+        if self.with_act:
+            act_buffers = {
+                n: torch.zeros(rows, layers[n].hidden_size, dtype=dtype, device=device)
+                for n in kv_caches
+            }
+            capture.bind_buffers(act_buffers)
         act_shape = (self.block_size, self.shape.hidden_size) if self.with_act else None
         pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda")
         self.runtime = RestoreRuntime(

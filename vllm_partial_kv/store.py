@@ -12,6 +12,7 @@ became ChunkStatus, with request contexts), so this small index is kept here, ve
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,6 +113,42 @@ def slots_for_budget(cpu_bytes: int, bytes_per_block: int) -> int:
             "for all layers); raise cpu_bytes"
         )
     return n
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory that can still be allocated on `device`; host RAM (MemAvailable) for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def ensure_room(needs: dict[torch.device, int]) -> None:
+    """Fail at start-up, with the numbers and what to change, rather than with an allocator error
+    (or the OOM killer) halfway through: vLLM sizes its KV cache without knowing about the
+    activation buffers, and a pinned host pool larger than RAM can take the machine down."""
+    for device, need in needs.items():
+        free = available_bytes(device)
+        if need <= free:
+            continue
+        if device.type == "cpu":
+            hint = "lower cpu_bytes (--kv-offload-size)"
+        else:
+            hint = (
+                "leave room for the activation buffers (half the KV cache for multi-head models): "
+                "lower --gpu-memory-utilization or set --kv-cache-memory-bytes, or set "
+                "recompute_ratio to 0 to keep no activations"
+            )
+        raise RuntimeError(
+            f"partial_kv needs {need / 2**30:.2f} GiB of {device} memory for its store and "
+            f"activation buffers but only {free / 2**30:.2f} GiB are available: {hint}"
+        )
 
 
 class HostPool:
