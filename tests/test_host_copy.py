@@ -1,9 +1,9 @@
 """Block copies between the host pool and vLLM's paged KV caches as raw bytes, in every GPU layout.
 
 On the GPU the copies go through vLLM's batched driver copy (`swap_blocks_batch`), which moves
-bytes and knows nothing of layouts. Here host memory stands in for device memory and `memmove`
-for the driver copy, so the address arithmetic, the host pool's stride mirroring and the layout
-views run exactly as on the GPU.
+bytes and knows nothing of layouts. Without a GPU, host memory stands in for device memory and
+`memmove` for the driver copy, so the address arithmetic, the host pool's stride mirroring and the
+layout views run exactly as they do on the GPU, where the same test runs the real copy.
 """
 
 from __future__ import annotations
@@ -41,23 +41,33 @@ def _idx(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("layout", list(_layouts()))
-def test_blocks_round_trip_through_the_host_pool(layout: str) -> None:
-    cache = _layouts()[layout]
+def test_blocks_round_trip_through_the_host_pool(layout: str, device: str) -> None:
+    """On the CPU through memmove; on a GPU through vLLM's batched copy and a pinned pool."""
+    if device == "cuda" and not (torch.cuda.is_available() and compat.batched_memcpy()):
+        pytest.skip("needs a GPU and vLLM's CUDA build")
+    memcpy = memmove if device == "cpu" else compat.batched_memcpy()
+    cache = _layouts()[layout].to(device)  # keeps the physical order
     cache.copy_(torch.randn(cache.shape))
     views = compat.block_views(cache, NB)
     original_k, original_v = (t.clone() for t in compat.kv_cache_views(cache, NB))
-    pool = HostPool(4, {"layer": views}, None, cache.dtype, pin=False)
+    pool = HostPool(4, {"layer": views}, None, cache.dtype, pin=device == "cuda")
 
     blocks, slots = [4, 1, 3], [2, 0, 3]
     for host, dev in zip(pool.kv["layer"], views):
-        copy_rows_as_bytes(memmove, host, _idx(slots), dev, _idx(blocks))
-        assert torch.equal(host[slots], dev[blocks])  # logically the same block, element by element
+        copy_rows_as_bytes(memcpy, host, _idx(slots), dev, _idx(blocks))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for host, dev in zip(pool.kv["layer"], views):  # logically the same blocks, element by element
+        assert torch.equal(host[slots], dev[blocks].cpu())
 
     cache.zero_()
     targets = [0, 5, 2]  # restore into other blocks, as after eviction
     for host, dev in zip(pool.kv["layer"], views):
-        copy_rows_as_bytes(memmove, dev, _idx(targets), host, _idx(slots))
+        copy_rows_as_bytes(memcpy, dev, _idx(targets), host, _idx(slots))
+    if device == "cuda":
+        torch.cuda.synchronize()
     k, v = compat.kv_cache_views(cache, NB)  # the views the Triton kernel and attention read
     assert torch.equal(k[targets], original_k[blocks]) and torch.equal(v[targets], original_v[blocks])
     untouched = [b for b in range(NB) if b not in targets]

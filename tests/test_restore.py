@@ -149,11 +149,17 @@ def test_preemption_storm_same_tokens(tiny_model, make_llm):
     expected = [o.outputs[0].token_ids for o in base.generate(prompts, sp, use_tqdm=False)]
     del base
     llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(0.5))
+    # Stores run beside later steps on a GPU: vLLM must fence every reallocated block first.
+    runtime, stored, fenced = _worker().runtime, set(), set()
+    store, fence = runtime.store, runtime.fence_blocks
+    runtime.store = lambda ids, *a: (stored.update(ids), store(ids, *a))
+    runtime.fence_blocks = lambda ids: (fenced.update(set(ids) & stored), fence(ids))
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     totals = _worker().totals.data
-    del llm
+    del llm, runtime
     assert got == expected
     assert totals["tokens_loaded"] > 0 and totals["tokens_recomputed"] > 0, totals
+    assert fenced, "no stored block was seen again before reuse: is handle_preemptions called?"
 
 
 def test_full_store_keeps_serving(tiny_model, make_llm):

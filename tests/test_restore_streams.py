@@ -35,7 +35,7 @@ class FakeEvent:
         self.clock: Clock = {}
 
     def query(self) -> bool:
-        return True
+        return False  # the host never sees work finish: every wait must come from ordering
 
     def elapsed_time(self, end: FakeEvent) -> float:
         return 0.0
@@ -139,10 +139,18 @@ def _forward(tl: Timeline, rt: RestoreRuntime, names: list[str], skip: str | Non
     rt.finish_step()
 
 
-def _step(tl, rt, names, recompute_blocks: int, layerwise: bool = True, skip=None) -> None:
-    rt.load([LoadSpec([0, 1, 2], [5, 6, 7], 0, recompute_blocks)], layerwise=layerwise)
+def _step(
+    tl, rt, names, recompute_blocks: int, layerwise: bool = True, skip=None,
+    slots=(0, 1, 2), new_blocks=(5, 6, 7), store=(9, 3),
+) -> None:
+    """One step as vLLM drives it: fence (handle_preemptions), writes into the new blocks, the
+    restore into its leading new blocks, the forward, the store of a block that filled up."""
+    rt.fence_blocks(list(new_blocks))
+    for block in new_blocks:
+        tl.op("write", block)
+    rt.load([LoadSpec(list(slots), list(new_blocks[:3]), 0, recompute_blocks)], layerwise=layerwise)
     _forward(tl, rt, names, skip)
-    rt.store([9], [3], with_activations=True)
+    rt.store([store[0]], [store[1]], with_activations=True)
 
 
 def test_each_layer_is_read_after_its_own_restore_only(rig):
@@ -162,23 +170,51 @@ def test_each_layer_is_read_after_its_own_restore_only(rig):
     assert rt.last_waited == names and rt.layerwise
 
 
-def test_next_step_is_ordered_after_this_ones_restore_and_stores(rig):
+def _after(later: dict, earlier: dict) -> bool:
+    return all(later.get(k, 0) >= v for k, v in earlier.items())
+
+
+def test_next_step_is_ordered_after_this_ones_restore(rig):
     tl, rt, names = rig
     _step(tl, rt, names, recompute_blocks=2)
-    _step(tl, rt, names, recompute_blocks=1)
+    _step(tl, rt, names, recompute_blocks=1, new_blocks=(10, 11, 12))
     last = names[-1]
-    # The store reads blocks the restore wrote, and the next restore reads slots it wrote.
+    # The store reads what the forward and the restore wrote.
+    assert tl.before(("read", last), ("store", names[0]), step=0)
     assert tl.before(("rc", last, 1), ("store", names[0]), step=0)
-    assert tl.before(("kv", last), ("store", names[0]), step=0)
-    first_store, second_kv = tl.find("store", names[0])[0], tl.find("kv", names[0])[1]
-    assert all(second_kv.get(k, 0) >= v for k, v in first_store.items())
     # The index and staging buffers are rewritten only after the last step's recomputes read them.
     second_index = tl.find("index")[1]
     for name, slot in ((names[-2], 0), (last, 1)):
         read = tl.find("rc", name, slot)[0]
         rewrite = tl.find("act", names[slot], slot)[1]
-        assert all(second_index.get(k, 0) >= v for k, v in read.items())
-        assert all(rewrite.get(k, 0) >= v for k, v in read.items())
+        assert _after(second_index, read) and _after(rewrite, read)
+
+
+def test_stores_run_beside_the_next_steps(rig):
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=2, store=(9, 3))
+    _step(tl, rt, names, recompute_blocks=2, new_blocks=(10, 11, 12), store=(13, 4))
+    stored = tl.find("store", names[-1])[0]  # the first step's last store copy
+    for name in names:  # neither the next restore nor the next forward waits for it
+        assert not _after(tl.find("kv", name)[1], stored)
+        assert not _after(tl.find("read", name)[1], stored)
+
+
+def test_a_reallocated_block_is_written_after_its_store(rig):
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=2, store=(9, 3))
+    _step(tl, rt, names, recompute_blocks=2, new_blocks=(10, 9, 12), store=(13, 4))
+    stored = tl.find("store", names[-1])[0]
+    assert _after(tl.find("write", 9)[0], stored)  # vLLM's write into the block it reallocated
+    assert _after(tl.find("kv", names[0])[1], stored)  # and the restore into it
+
+
+def test_a_restore_reads_a_slot_after_its_store(rig):
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=0, store=(9, 3))
+    _step(tl, rt, names, recompute_blocks=0, slots=(3, 1, 2), new_blocks=(10, 11, 12))
+    stored = tl.find("store", names[-1])[0]
+    assert all(_after(tl.find("kv", name)[1], stored) for name in names)
 
 
 def test_streamed_only_restore_is_waited_per_layer(rig):

@@ -92,6 +92,7 @@ class PartialKVMetadata(compat.KVConnectorMetadata):
     busy: bool = False  # the step also computes for requests that are not restoring
     store_block_ids: list[int] = field(default_factory=list)
     store_slots: list[int] = field(default_factory=list)
+    new_block_ids: list[int] = field(default_factory=list)  # allocated this step: about to be written
 
 
 @dataclass
@@ -160,6 +161,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 continue
             if new_ids is not None:
                 ids = list(new_ids[0])
+                meta.new_block_ids += ids
                 replace = resumed or state.replace_ids
                 state.block_ids = ids if replace else state.block_ids + ids
                 state.replace_ids = False
@@ -272,6 +274,12 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             )
             for busy in (False, True)
         }
+
+    def handle_preemptions(self, kv_connector_metadata) -> None:
+        """vLLM calls this every step before it writes anything into the KV cache: blocks it
+        just allocated may have been freed while a store was still reading them."""
+        if self.runtime is not None and isinstance(kv_connector_metadata, PartialKVMetadata):
+            self.runtime.fence_blocks(kv_connector_metadata.new_block_ids)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._get_connector_metadata()

@@ -1,5 +1,9 @@
 """Runs a step's stores and restores on the worker.
 
+Stores (CUDA) run on their own stream after the forward that wrote the blocks, overlapping the
+next steps; a block stays readable until vLLM reallocates it, so `fence_blocks` (called before
+vLLM writes a step's new blocks) and restores reading a slot wait only for the stores involved.
+
 Restore pipeline (CUDA), per layer l, on two side streams:
     copy stream:    activations of the recomputed blocks -> staging[l % 2], then K/V of the
                     streamed blocks -> their paged blocks
@@ -35,6 +39,13 @@ class LoadSpec:
     block_ids: list[int]
     first_position: int
     recompute_blocks: int = 0
+
+
+@dataclass
+class _StoreInFlight:
+    done: torch.cuda.Event
+    block_ids: frozenset[int]
+    slots: frozenset[int]
 
 
 @dataclass
@@ -147,6 +158,7 @@ class RestoreRuntime:
         self._awaiting: dict[str, torch.cuda.Event | None] = {}
         self._restoring = False  # a restore was issued since the last finish_step
         self._pending_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stores: list[_StoreInFlight] = []  # oldest first; CUDA only
         if self.cuda:
             self._init_streams()
 
@@ -154,6 +166,7 @@ class RestoreRuntime:
         """Streams and events, created once: nothing is allocated per restore."""
         self.copy_stream = torch.cuda.Stream(self.device)
         self.compute_stream = torch.cuda.Stream(self.device)
+        self.store_stream = torch.cuda.Stream(self.device)
         self._free = [torch.cuda.Event(), torch.cuda.Event()]
         self._x_ready = torch.cuda.Event()
         self._kv_ready = torch.cuda.Event()
@@ -161,19 +174,45 @@ class RestoreRuntime:
 
     # ---------------------------------------------------------------- stores (device -> host)
     def store(self, block_ids: list[int], slots: list[int], with_activations: bool) -> None:
-        """Copy finished blocks to the host on the current stream: ordered after the forward that
-        wrote them and before any later step that could reuse the GPU blocks."""
+        """Copy blocks the forward just completed (K/V and activations) to their host slots."""
         if not block_ids:
             return
+        if self.cuda:
+            self.store_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.store_stream):
+                self._store(block_ids, slots, with_activations)
+            done = torch.cuda.Event()
+            self.store_stream.record_event(done)
+            self._stores.append(_StoreInFlight(done, frozenset(block_ids), frozenset(slots)))
+        else:
+            self._store(block_ids, slots, with_activations)
+        self.stats.stored_blocks += len(block_ids)
+        per_block = self._kv_slot_bytes + self._act_slot_bytes * with_activations
+        self.stats.bytes_to_host += len(block_ids) * per_block
+
+    def _store(self, block_ids: list[int], slots: list[int], with_activations: bool) -> None:
         slot_idx, block_idx = _index(slots), _index(block_ids)
         for name in self.names:
             for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
                 self.copy(dst, slot_idx, src, block_idx)
             if with_activations and name in self.act_views:
                 self.copy(self.pool.act[name], slot_idx, self.act_views[name], block_idx)
-        self.stats.stored_blocks += len(block_ids)
-        per_block = self._kv_slot_bytes + self._act_slot_bytes * with_activations
-        self.stats.bytes_to_host += len(block_ids) * per_block
+
+    def _last_store_touching(self, key: str, ids: list[int]) -> torch.cuda.Event | None:
+        """The newest store in flight that reads one of these GPU blocks (key "block_ids") or
+        writes one of these host slots ("slots"): waiting for it covers the older ones too."""
+        self._stores = [s for s in self._stores if not s.done.query()]
+        for s in reversed(self._stores):
+            if not getattr(s, key).isdisjoint(ids):
+                return s.done
+        return None
+
+    def fence_blocks(self, block_ids: list[int]) -> None:
+        """Before vLLM writes these (newly allocated) GPU blocks on the current stream."""
+        if self.cuda and self._stores:
+            done = self._last_store_touching("block_ids", block_ids)
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
 
     # ---------------------------------------------------------------- restores (host -> device)
     def load(self, loads: list[LoadSpec], layerwise: bool = True) -> None:
@@ -236,9 +275,13 @@ class RestoreRuntime:
         main = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         main.record_event(start)
-        # After earlier stores into the same host slots and this restore's index write; the
-        # compute stream follows through its waits on the copy stream's events.
+        # After this restore's index write and vLLM's fence on the blocks it writes, and after
+        # the stores into the slots it reads; the compute stream follows through its waits on
+        # the copy stream's events.
         self.copy_stream.wait_stream(main)
+        stored = self._last_store_touching("slots", rc_idx[0].tolist() + kv_idx[0].tolist())
+        if stored is not None:
+            self.copy_stream.wait_event(stored)
         for layer, name in enumerate(self.names):
             slot = layer % 2
             with torch.cuda.stream(self.copy_stream):
