@@ -18,6 +18,12 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402  (does not import Triton)
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter; Triton reads this when a kernel is decorated, so it
+    # must be set before any test module imports vLLM or this package.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

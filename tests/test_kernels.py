@@ -4,18 +4,14 @@ cases run the compiled kernel at real layer shapes."""
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
-from vllm_partial_kv.kernels import recompute_kv, recompute_kv_torch  # noqa: E402
-from vllm_partial_kv.kernels.reference import FP8_DTYPES  # noqa: E402
+from vllm_partial_kv.kernels import recompute_kv, recompute_kv_torch  # TRITON_INTERPRET: conftest
+from vllm_partial_kv.kernels.reference import FP8_DTYPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SENTINEL = 7.0  # exactly representable in every cache dtype, far outside the written values

@@ -21,16 +21,19 @@ def make_llm():
     started would take the process-wide parallel state with it."""
     from conftest import make_llm as base
 
-    def make(model, **kwargs):
-        from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
 
+    def make(model, **kwargs):
         gc.collect()
         ensure_kv_transfer_shutdown()  # a failed test may still hold its engine's connector
         if torch.cuda.is_available():
             kwargs = {"dtype": "bfloat16", "enforce_eager": False, **kwargs}
         return base(model, **kwargs)
 
-    return make
+    yield make
+    # Engines without a connector (other test files) must not find this file's one.
+    gc.collect()
+    ensure_kv_transfer_shutdown()
 
 
 def _connector_cfg(ratio, cpu_bytes=256 << 20, **extra):
