@@ -34,7 +34,9 @@ SPAWNED = textwrap.dedent(
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         from vllm_partial_kv import capture
         return {"pid": os.getpid(), "totals": get_kv_transfer_group().totals.data,
-                "captured_layers": len(capture.layers())}
+                "captured_layers": len(capture.layers()),
+                "budget_hooked": getattr(type(getattr(self, "worker", self)).determine_available_memory,
+                                         "_partial_kv_wrapped", False)}
 
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], kv_cache_memory_bytes=32 << 20, block_size=32, max_model_len=1024,
@@ -70,5 +72,50 @@ def test_spawned_engine_registers_connector_and_capture(tiny_model, tmp_path):
     result = json.loads(lines[-1][7:])
     assert result["pid"] != result["main_pid"]  # the worker really is another process
     assert result["captured_layers"] == 4
+    assert result["budget_hooked"]  # the KV budget passes through the plugin in the worker
     assert result["totals"]["tokens_recomputed"] > 0
     assert result["same"]
+
+
+def _config(model, ratio, **kwargs):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    kv = KVTransferConfig(
+        kv_connector="PartialRecomputeConnector", kv_role="kv_both",
+        kv_connector_extra_config={"cpu_bytes": 64 << 20, "recompute_ratio": ratio},
+    )
+    config = EngineArgs(model=str(model), kv_transfer_config=kv, **kwargs).create_engine_config()
+    config.cache_config.kv_cache_memory_bytes = kwargs.get("kv_cache_memory_bytes")
+    return config
+
+
+def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
+    """vLLM sizes its KV cache from the memory it measured; with activations kept, the KV cache
+    gets kv/(kv+act) of it after the staging buffers, so both fit."""
+    from vllm_partial_kv import compat
+    from vllm_partial_kv.connector import kv_budget_with_activations, model_shape
+
+    gib = 1 << 30
+    mha = _config(tiny_model("llama2"), 0.5)
+    shape = model_shape(mha)
+    assert shape.act_bytes_per_token * 2 == shape.kv_bytes_per_token  # MHA: act is half of K+V
+    staging = 2 * 16384 * shape.act_bytes_per_token
+    assert kv_budget_with_activations(mha, 3 * gib) == int((3 * gib - staging) * 2 / 3)
+    # Nothing to make room for: GQA in auto mode keeps no activations; an explicit size stays.
+    assert kv_budget_with_activations(_config(tiny_model("llama"), "auto"), 3 * gib) == 3 * gib
+    explicit = _config(tiny_model("llama2"), 0.5, kv_cache_memory_bytes=gib)
+    assert kv_budget_with_activations(explicit, 3 * gib) == 3 * gib
+
+    # The worker hook: whatever the worker measured passes through the adjustment, once.
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
+    else:
+        from vllm.v1.worker.gpu_worker import Worker as worker_cls
+    monkeypatch.setattr(worker_cls, "determine_available_memory", lambda self: 3 * gib)
+    compat.wrap_kv_budget(kv_budget_with_activations)
+    compat.wrap_kv_budget(kv_budget_with_activations)
+    worker = type("W", (), {"vllm_config": mha})()
+    assert worker_cls.determine_available_memory(worker) == int((3 * gib - staging) * 2 / 3)

@@ -87,6 +87,26 @@ def wrap_model_loader(after_load: Callable[[torch.nn.Module, Any], None]) -> Non
     BaseModelLoader.load_model = load_model  # type: ignore[method-assign]
 
 
+def wrap_kv_budget(adjust: Callable[[Any, int], int]) -> None:
+    """Pass the KV cache budget the worker measured through `adjust(vllm_config, bytes)` before
+    vLLM sizes the KV cache from it (GPU worker, and the CPU worker on the CPU build)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
+    else:
+        from vllm.v1.worker.gpu_worker import Worker as worker_cls
+    original = worker_cls.determine_available_memory
+    if getattr(original, "_partial_kv_wrapped", False):
+        return
+
+    def determine_available_memory(self) -> int:
+        return adjust(self.vllm_config, original(self))
+
+    determine_available_memory._partial_kv_wrapped = True  # type: ignore[attr-defined]
+    worker_cls.determine_available_memory = determine_available_memory  # type: ignore[method-assign]
+
+
 def block_views(kv_cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
     """Split a layer's paged KV tensor into tensors whose first dim is the block id.
 

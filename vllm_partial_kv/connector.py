@@ -48,6 +48,9 @@ def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShap
     )
 
 
+_warned_no_capture: set[str] = set()
+
+
 def activations_wanted(vllm_config) -> bool:
     """Both halves decide this the same way, from configuration alone.
 
@@ -60,16 +63,36 @@ def activations_wanted(vllm_config) -> bool:
     cfg = parse_config(_extra_config(vllm_config))
     mc = vllm_config.model_config
     if not capture.model_supports_capture(mc.hf_config, getattr(mc, "quantization", None)):
-        if cfg.recompute_ratio:
-            logger.warning(
-                "partial_kv: cannot capture activations of %s; offloading plain KV instead",
-                getattr(mc.hf_config, "architectures", "?"),
-            )
+        arch = str(getattr(mc.hf_config, "architectures", "?"))
+        if cfg.recompute_ratio and arch not in _warned_no_capture:
+            _warned_no_capture.add(arch)
+            logger.warning("partial_kv: cannot capture activations of %s; offloading plain KV instead", arch)
         return False
     if cfg.wants_activations is not None:
         return cfg.wants_activations
     shape = model_shape(vllm_config)
     return shape.act_bytes_per_token < shape.kv_bytes_per_token
+
+
+def kv_budget_with_activations(vllm_config, available: int) -> int:
+    """The part of the memory vLLM found for its KV cache that the KV cache may take, so that the
+    activation buffers (one row per KV slot, plus restore staging) fit beside it. vLLM sizes the
+    KV cache without knowing about them; an explicit kv_cache_memory_bytes is left alone (the
+    start-up room check then tells the user if the rest does not fit)."""
+    if vllm_config.cache_config.kv_cache_memory_bytes or not activations_wanted(vllm_config):
+        return available
+    shape = model_shape(vllm_config)
+    kv_per_token = shape.kv_bytes_per_token
+    if "fp8" in str(vllm_config.cache_config.cache_dtype):
+        kv_per_token //= shape.dtype_bytes
+    staging = 2 * parse_config(_extra_config(vllm_config)).max_recompute_tokens * shape.act_bytes_per_token
+    kv = int(max(0, available - staging) * kv_per_token / (kv_per_token + shape.act_bytes_per_token))
+    logger.info(
+        "partial_kv: of the %.2f GiB vLLM found for the KV cache, %.2f GiB go to activation "
+        "capture and restore staging (set kv_cache_memory_bytes to size the KV cache yourself)",
+        available / 2**30, (available - kv) / 2**30,
+    )
+    return kv
 
 
 def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> int:

@@ -10,11 +10,14 @@ def register() -> None:
 
     compat.check_version()
     compat.register_connector(CONNECTOR_NAME, "vllm_partial_kv.connector", CONNECTOR_NAME)
-    install_capture_hook()
+    compat.wrap_model_loader(_after_model_load)
 
 
-def install_capture_hook() -> None:
-    """Hook activation capture into model loading (a no-op unless our connector is configured)."""
-    from vllm_partial_kv import capture, compat
+def _after_model_load(model, vllm_config) -> None:
+    """In the worker, after the model is built and before vLLM profiles memory and sizes the KV
+    cache: hook activation capture in, and leave room for its buffers (both no-ops unless our
+    connector is configured)."""
+    from vllm_partial_kv import capture, compat, connector
 
-    compat.wrap_model_loader(capture.install)
+    capture.install(model, vllm_config)
+    compat.wrap_kv_budget(connector.kv_budget_with_activations)
