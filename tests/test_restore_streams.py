@@ -242,3 +242,21 @@ def test_a_skipped_wait_switches_to_whole_restores(rig, caplog):
     _step(tl, rt, names, recompute_blocks=2)  # asks for layerwise, gets whole
     assert tl.before(("kv", names[-1]), ("read", names[0]))
     assert tl.before(("rc", names[-1], 1), ("read", names[0]))
+
+
+def test_whole_restore_unless_the_forward_calls_back():
+    """vLLM 0.26's runner V2 starts a full-graph step's loads with no attention metadata and no
+    graph mode: the forward will not call back, so the restore must complete before it."""
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    from vllm_partial_kv.compat import calls_layer_waits
+
+    def ctx(mode, metadata):
+        return SimpleNamespace(cudagraph_runtime_mode=mode, attn_metadata=metadata)
+
+    assert calls_layer_waits(ctx(CUDAGraphMode.PIECEWISE, {"layer": object()}))
+    assert calls_layer_waits(ctx(CUDAGraphMode.NONE, {"layer": object()}))
+    assert not calls_layer_waits(ctx(CUDAGraphMode.FULL, {"layer": object()}))  # runner V1
+    assert not calls_layer_waits(ctx(CUDAGraphMode.NONE, None))  # runner V2, full graph

@@ -64,11 +64,19 @@ def current_slot_mapping(layer_name: str) -> torch.Tensor | None:
 
 
 def calls_layer_waits(forward_context: Any) -> bool:
-    """Whether this step's forward calls the connector's `wait_for_layer_load` for each layer:
-    vLLM does around every attention op, except inside a replayed full CUDA graph."""
+    """Whether this step's forward calls the connector's `wait_for_layer_load` for each layer.
+
+    vLLM does around every attention op that has attention metadata, except inside a replayed
+    full CUDA graph. vLLM 0.26's model runner V2 (its default for dense models) starts the loads
+    of a full-graph step in a forward context of its own with no metadata and no graph mode, so
+    both are checked.
+    """
     from vllm.config import CUDAGraphMode
 
-    return getattr(forward_context, "cudagraph_runtime_mode", None) != CUDAGraphMode.FULL
+    return (
+        getattr(forward_context, "attn_metadata", None) is not None
+        and getattr(forward_context, "cudagraph_runtime_mode", None) != CUDAGraphMode.FULL
+    )
 
 
 def wrap_model_loader(after_load: Callable[[torch.nn.Module, Any], None]) -> None:
