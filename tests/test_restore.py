@@ -190,3 +190,29 @@ def test_no_room_for_the_store_is_a_clear_startup_error(tiny_model, make_llm, mo
     monkeypatch.setattr(store, "available_bytes", lambda device: 1 << 20)
     with pytest.raises(Exception, match="partial_kv needs .* GiB of .* memory"):
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
+
+
+def test_failed_restore_costs_the_request_not_the_engine(tiny_model, make_llm):
+    """A restore that raises is reported to vLLM as a KV load error: with the "recompute" policy
+    vLLM recomputes the blocks and the answer does not change; the engine keeps serving."""
+    cfg = _connector_cfg(0.5)
+    cfg.kv_load_failure_policy = "recompute"
+    llm = make_llm(tiny_model("llama2"), kv_transfer_config=cfg)
+    runtime = _worker().runtime
+    prompt, sp = _prompt(3, 6 * 32 + 7), SamplingParams(temperature=0, max_tokens=8)
+    first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+
+    def broken(loads, layerwise=True):
+        raise RuntimeError("injected restore failure")
+
+    runtime.load = broken
+    llm.reset_prefix_cache()  # the next turn must restore from the host, and that fails
+    for cache in runtime.kv_caches.values():  # so that unrecomputed blocks cannot pass as right
+        cache.normal_(0, 10)
+    again = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert list(again) == list(first)
+    assert _worker().totals.data["restore_failures"] == 1
+    del runtime.load  # restores work again
+    llm.reset_prefix_cache()
+    assert list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids) == list(first)
+    assert runtime.last_loads and runtime.last_loads[0].recompute_blocks > 0

@@ -260,3 +260,26 @@ def test_whole_restore_unless_the_forward_calls_back():
     assert calls_layer_waits(ctx(CUDAGraphMode.NONE, {"layer": object()}))
     assert not calls_layer_waits(ctx(CUDAGraphMode.FULL, {"layer": object()}))  # runner V1
     assert not calls_layer_waits(ctx(CUDAGraphMode.NONE, None))  # runner V2, full graph
+
+
+def test_a_restore_that_fails_midway_is_drained_before_later_writes(rig):
+    """The connector reports a failed restore's blocks to vLLM, which rewrites them later: copies
+    issued before the failure must not land after that."""
+    tl, rt, names = rig
+    copy, calls = rt.copy, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 4:  # layer 1's K/V copy
+            raise RuntimeError("injected")
+        copy(*args)
+
+    rt.copy = failing
+    with pytest.raises(RuntimeError):
+        rt.load([LoadSpec([0, 1, 2], [5, 6, 7], 0, 2)])
+    rt.finish_step()  # wait_for_save, after the step's forward
+    rt.copy = copy
+    _step(tl, rt, names, recompute_blocks=2, new_blocks=(5, 6, 7))
+    rewrite = tl.find("write", 5)[0]
+    assert _after(rewrite, tl.find("act", names[1], 1)[0])  # the last copy issued
+    assert _after(rewrite, tl.find("rc", names[0], 0)[0])

@@ -148,6 +148,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             )
         else:
             self.profiles: dict[bool, planner.Profile] = {}  # keyed by "GPU busy with decodes"
+            self._failed_blocks: set[int] = set()  # restores that failed, for vLLM to recover
             self._stats = PartialKVStats()
             self.totals = PartialKVStats()  # since start-up, for logs and tests
 
@@ -308,8 +309,23 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
-        self._choose_split(meta.loads, meta.busy)
-        self.runtime.load(meta.loads, layerwise=compat.calls_layer_waits(forward_context))
+        try:
+            self._choose_split(meta.loads, meta.busy)
+            self.runtime.load(meta.loads, layerwise=compat.calls_layer_waits(forward_context))
+        except Exception:
+            # A restore that fails must cost its requests, not the engine: vLLM recomputes the
+            # blocks or fails the requests (kv_load_failure_policy "recompute" or "fail").
+            blocks = {b for spec in meta.loads for b in spec.block_ids}
+            logger.exception(
+                "partial_kv: restore of %d blocks for %d requests failed; reported to vLLM as "
+                "load errors", len(blocks), len(meta.loads),
+            )
+            self._failed_blocks |= blocks
+            self.runtime.stats.failed_restores += 1
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
 
     def _choose_split(self, loads: list[LoadSpec], busy: bool) -> None:
         """Per batch: how many leading blocks of each restore to recompute from activations."""

@@ -16,6 +16,7 @@ COUNTERS = {
     "bytes_to_device": "Bytes copied host -> device by restores",
     "restores": "Restore operations (one per scheduler step with hits)",
     "restore_seconds": "Time spent restoring (copy + recompute), seconds",
+    "restore_failures": "Restores that failed and were reported to vLLM as KV load errors",
 }
 
 
@@ -34,6 +35,7 @@ class PartialKVStats(KVConnectorStats):
         d["bytes_to_device"] += step.bytes_to_device
         d["restores"] += len(step.restore_seconds)
         d["restore_seconds"] += sum(step.restore_seconds)
+        d["restore_failures"] += step.failed_restores
 
     def reset(self) -> None:
         self.data = {key: 0 for key in COUNTERS}

@@ -55,6 +55,7 @@ class StepStats:
     recomputed_blocks: int = 0
     bytes_to_host: int = 0
     bytes_to_device: int = 0
+    failed_restores: int = 0
     restore_seconds: list[float] = field(default_factory=list)
 
 
@@ -319,8 +320,10 @@ class RestoreRuntime:
     def finish_step(self) -> None:
         """After the forward: order everything later (stores, the next restore's index and
         staging writes) after this step's restore, and catch forwards that skipped a wait."""
-        if self.cuda and self._restoring:
-            torch.cuda.current_stream(self.device).wait_event(self._layer_done[self.names[-1]])
+        if self.cuda and self._restoring:  # everything issued, even by a restore that failed
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.copy_stream)
+            main.wait_stream(self.compute_stream)
         self._restoring = False
         if self._awaiting:
             logger.warning(
