@@ -4,7 +4,9 @@ Scheduler half: finds offloaded prefixes by vLLM's block hashes, pins them for t
 loads them, and allocates host slots for blocks that fill up (prompt and, by default, decode).
 Worker half: copies finished blocks (K/V and captured activations) to the host after each
 forward, and before a forward restores hit blocks, recomputing the leading ones from activations
-with the split the planner picks for the whole batch.
+with the split the planner picks for the whole batch; the forward waits for each layer's restore
+(`wait_for_layer_load`), and blocks vLLM reallocates wait for stores still reading them
+(`handle_preemptions`). A restore that fails is reported to vLLM as a KV load error.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The index lives with the scheduler and hands out slot ids; the worker only copies to and from the
 slots it is told. A slot read by a load in flight is pinned and cannot be evicted; a slot written
-by a store is only read in a later step, and restores are stream-ordered after earlier stores, so
-a load never sees a half-written block.
+by a store is only read in a later step, and a restore waits for the stores into the slots it
+reads, so a load never sees a half-written block.
 
 vLLM's own `kv_offload` LRU policies changed their interface between 0.26 and 0.32 (BlockStatus
 became ChunkStatus, with request contexts), so this small index is kept here, version-free.
