@@ -42,6 +42,7 @@ def test_serve_builds_vllm_command_with_connector_config(tmp_path, capsys):
         "kv_connector": CONNECTOR_NAME,
         "kv_role": "kv_both",
         "kv_connector_module_path": "vllm_partial_kv.connector",
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"cpu_bytes": 1 << 29, "recompute_ratio": 0.25},
     }
 

@@ -147,6 +147,8 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         "kv_connector": CONNECTOR_NAME,
         "kv_role": "kv_both",
         "kv_connector_module_path": "vllm_partial_kv.connector",
+        # The tokens are all in the request: a restore that fails can always be recomputed.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "cpu_bytes": int(gib * 2**30),
             "recompute_ratio": "auto" if args.recompute_ratio is None else args.recompute_ratio,
