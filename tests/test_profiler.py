@@ -105,15 +105,19 @@ def test_cache_round_trip(tmp_path, fake, caplog):
     assert load(tmp_path).h2d_bytes_per_s == 2e9  # the refreshed one was saved
 
 
-def test_key_changes_with_shape_and_dtype(tmp_path, fake):
+def test_key_changes_with_shape_dtype_backend_and_version(tmp_path, fake, monkeypatch):
     load(tmp_path)
     load(tmp_path, shape=ModelShape(3, 256, 4, 64, 4, 16))
     load(tmp_path, dtype=torch.bfloat16)
     load(tmp_path, with_load=True)  # the busy-GPU profile is a measurement of its own
-    assert fake.calls == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    load(tmp_path, kernel="torch")  # another recompute backend
+    assert fake.calls == 5 and len(list(tmp_path.glob("*.json"))) == 5
     load(tmp_path)
     load(tmp_path, with_load=True)
-    assert fake.calls == 4
+    assert fake.calls == 5
+    monkeypatch.setattr(profiler, "__version__", "99.0")  # a new plugin version re-measures
+    load(tmp_path)
+    assert fake.calls == 6
 
 
 def test_corrupt_cache_is_measured_again(tmp_path, fake, caplog):

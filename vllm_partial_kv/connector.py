@@ -296,7 +296,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         return {
             busy: profiler.load_or_measure(
                 self.shape, device=device, recompute_fn=fn, dtype=dtype,
-                cache_dir=self.cfg.profile_cache_dir, with_load=busy,
+                cache_dir=self.cfg.profile_cache_dir, with_load=busy, kernel=self.cfg.kernel,
             )
             for busy in (False, True)
         }

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from vllm_partial_kv import __version__
 from vllm_partial_kv.planner import ModelShape, Profile, RestoreRequest, plan_split, restore_time
 
 __all__ = ["measure_profile", "load_or_measure", "format_profile", "CACHE_DIR_ENV"]
@@ -74,12 +75,14 @@ def load_or_measure(
     cache_dir: str | os.PathLike | None = None,
     refresh: bool = False,
     with_load: bool = False,
+    kernel: str = "auto",
 ) -> Profile:
     """The cached Profile for this device, software stack, shape and dtype (and load: with_load
     measures recompute next to a concurrent matmul stream), measured if absent, stale, corrupt
-    or `refresh` is set."""
+    or `refresh` is set. `kernel` names the recompute backend `recompute_fn` runs: a profile of
+    one backend says nothing about another."""
     device = torch.device(device)
-    key = {**_cache_key(shape, device, dtype), "with_load": with_load}
+    key = {**_cache_key(shape, device, dtype), "with_load": with_load, "kernel": kernel}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir(cache_dir) / f"profile-{digest}.json"
     if not refresh and path.exists():
@@ -265,6 +268,7 @@ def _cache_key(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> d
         "device": _device_name(device),
         "stack": stack,
         "torch": torch.__version__,
+        "plugin": __version__,  # a new kernel version is a new measurement
         "shape": dataclasses.asdict(shape),
         "dtype": str(dtype),
     }
