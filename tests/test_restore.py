@@ -216,3 +216,28 @@ def test_failed_restore_costs_the_request_not_the_engine(tiny_model, make_llm):
     llm.reset_prefix_cache()
     assert list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids) == list(first)
     assert runtime.last_loads and runtime.last_loads[0].recompute_blocks > 0
+
+
+def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make_llm):
+    """A restore writes K/V, not the blocks' activation rows. If another request later stores
+    those GPU blocks again (their host copies evicted meanwhile), it must not keep those rows."""
+    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(1.0))
+    runtime = _worker().runtime
+    index = llm.llm_engine.engine_core.engine_core.scheduler.connector.index
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    prompt = _prompt(5, 6 * 32 + 3)
+    longer = {"prompt_token_ids": prompt["prompt_token_ids"] + _prompt(6, 40)["prompt_token_ids"]}
+    llm.generate([prompt], sp, use_tqdm=False)
+    llm.reset_prefix_cache()
+    llm.generate([prompt], sp, use_tqdm=False)  # restored from the host into GPU blocks
+    for rows in runtime.act_views.values():  # rows a restore never wrote: make them visibly wrong
+        rows.normal_(0, 10)
+    index.clear()  # host copies gone; the GPU prefix cache still holds the restored blocks
+    llm.generate([longer], sp, use_tqdm=False)  # hits them on the GPU and stores them again
+    llm.reset_prefix_cache()
+    llm.generate([longer], sp, use_tqdm=False)  # restores them from the host
+    (load,) = runtime.last_loads
+    assert len(load.block_ids) == 7 and load.recompute_blocks == 0  # K/V only: streamed
+    for name in runtime.names:
+        for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
+            torch.testing.assert_close(gpu[load.block_ids], host[load.slots], rtol=1e-3, atol=1e-3)

@@ -150,7 +150,7 @@ def _step(
         tl.op("write", block)
     rt.load([LoadSpec(list(slots), list(new_blocks[:3]), 0, recompute_blocks)], layerwise=layerwise)
     _forward(tl, rt, names, skip)
-    rt.store([store[0]], [store[1]], with_activations=True)
+    rt.store([store[0]], [store[1]], [True])
 
 
 def test_each_layer_is_read_after_its_own_restore_only(rig):

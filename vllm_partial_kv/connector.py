@@ -117,6 +117,7 @@ class PartialKVMetadata(compat.KVConnectorMetadata):
     busy: bool = False  # the step also computes for requests that are not restoring
     store_block_ids: list[int] = field(default_factory=list)
     store_slots: list[int] = field(default_factory=list)
+    store_act: list[bool] = field(default_factory=list)  # per stored block: keep its activations
     new_block_ids: list[int] = field(default_factory=list)  # allocated this step: about to be written
 
 
@@ -143,6 +144,9 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self.index = BlockIndex(self.num_slots)
             self.reqs: dict[str, _Request] = {}
             self._matched: dict[str, tuple[int, int]] = {}
+            # GPU block -> hash of the block restored into it: its activation rows were never
+            # written (restores write K/V only), so storing it again must not keep them.
+            self._restored: dict[int, bytes] = {}
             logger.info(
                 "partial_kv: %d host block slots (cpu_bytes=%d), activations %s, ratio %s",
                 self.num_slots, self.cfg.cpu_bytes, "kept" if self.with_act else "not kept",
@@ -195,10 +199,12 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 first, n = state.load
                 hashes = compat.request_block_hashes(state.request)[first : first + n]
                 entries = self.index.lookup(hashes)  # pinned since update_state_after_alloc
+                block_ids = state.block_ids[first : first + n]
+                self._restored.update(zip(block_ids, hashes))
                 meta.loads.append(
                     LoadSpec(
                         slots=[slot for slot, _ in entries],
-                        block_ids=state.block_ids[first : first + n],
+                        block_ids=block_ids,
                         first_position=first * self.block_size,
                         recompute_blocks=_leading_with_act(entries),
                     )
@@ -224,11 +230,14 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             if hashes[i] in self.index:
                 self.index.touch(hashes[i])
                 continue
-            slot = self.index.allocate(hashes[i], self.with_act)
+            block = state.block_ids[i]
+            with_act = self.with_act and self._restored.get(block) != hashes[i]
+            slot = self.index.allocate(hashes[i], with_act)
             if slot is None:
                 break  # every slot pinned by loads in flight: skip, not an error
-            meta.store_block_ids.append(state.block_ids[i])
+            meta.store_block_ids.append(block)
             meta.store_slots.append(slot)
+            meta.store_act.append(with_act)
         state.stored_blocks = max(state.stored_blocks, full)
 
     def request_finished(self, request, block_ids=None) -> tuple[bool, dict | None]:
@@ -357,7 +366,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata):
             return
-        self.runtime.store(meta.store_block_ids, meta.store_slots, self.with_act)
+        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_act)
 
     def get_kv_connector_stats(self):
         if self.runtime is None:

@@ -174,30 +174,34 @@ class RestoreRuntime:
         self._layer_done = {name: torch.cuda.Event() for name in self.names}
 
     # ---------------------------------------------------------------- stores (device -> host)
-    def store(self, block_ids: list[int], slots: list[int], with_activations: bool) -> None:
-        """Copy blocks the forward just completed (K/V and activations) to their host slots."""
+    def store(self, block_ids: list[int], slots: list[int], with_act: list[bool]) -> None:
+        """Copy blocks the forward just completed to their host slots: K/V, and the activations
+        where `with_act` says their rows hold the block's own inputs."""
         if not block_ids:
             return
         if self.cuda:
             self.store_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.store_stream):
-                self._store(block_ids, slots, with_activations)
+                n_act = self._store(block_ids, slots, with_act)
             done = torch.cuda.Event()
             self.store_stream.record_event(done)
             self._stores.append(_StoreInFlight(done, frozenset(block_ids), frozenset(slots)))
         else:
-            self._store(block_ids, slots, with_activations)
+            n_act = self._store(block_ids, slots, with_act)
         self.stats.stored_blocks += len(block_ids)
-        per_block = self._kv_slot_bytes + self._act_slot_bytes * with_activations
-        self.stats.bytes_to_host += len(block_ids) * per_block
+        self.stats.bytes_to_host += len(block_ids) * self._kv_slot_bytes + n_act * self._act_slot_bytes
 
-    def _store(self, block_ids: list[int], slots: list[int], with_activations: bool) -> None:
+    def _store(self, block_ids: list[int], slots: list[int], with_act: list[bool]) -> int:
         slot_idx, block_idx = _index(slots), _index(block_ids)
         for name in self.names:
             for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
                 self.copy(dst, slot_idx, src, block_idx)
-            if with_activations and name in self.act_views:
-                self.copy(self.pool.act[name], slot_idx, self.act_views[name], block_idx)
+        act = [(s, b) for s, b, a in zip(slots, block_ids, with_act) if a] if self.act_views else []
+        if act:
+            act_slots, act_blocks = (_index(list(c)) for c in zip(*act))
+            for name in self.names:
+                self.copy(self.pool.act[name], act_slots, self.act_views[name], act_blocks)
+        return len(act)
 
     def _last_store_touching(self, key: str, ids: list[int]) -> torch.cuda.Event | None:
         """The newest store in flight that reads one of these GPU blocks (key "block_ids") or
