@@ -283,3 +283,41 @@ def test_a_restore_that_fails_midway_is_drained_before_later_writes(rig):
     rewrite = tl.find("write", 5)[0]
     assert _after(rewrite, tl.find("act", names[1], 1)[0])  # the last copy issued
     assert _after(rewrite, tl.find("rc", names[0], 0)[0])
+
+
+def test_a_triton_kernel_that_fails_falls_back_to_vllms_modules(monkeypatch, caplog):
+    """On a GPU where the kernel cannot compile or launch, the layer is recomputed through vLLM's
+    own modules instead, once with a logged traceback, and later restores skip the kernel."""
+    from types import SimpleNamespace
+
+    from vllm_partial_kv import kernels
+
+    name, kv_dim = "model.layers.0.self_attn.attn", HEADS * HEAD
+    w = torch.randn(2 * kv_dim, HIDDEN)
+    written = []
+    impl = SimpleNamespace(do_kv_cache_update=lambda attn, k, v, cache, slots: written.append((k, v)))
+    spec = SimpleNamespace(
+        attn=SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD, impl=impl),
+        has_dense_weight=True, w_k=w[:kv_dim], w_v=w[kv_dim:], biases=lambda: (None, None),
+        k_norm=None, rotary_emb=None, project_kv=lambda x: (x @ w[:kv_dim].T, x @ w[kv_dim:].T),
+    )
+    kv = torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD)
+    pool = HostPool(4, {name: [kv]}, (BS, HIDDEN), torch.float32, pin=False)
+    acts = {name: torch.zeros(BLOCKS * BS + 1, HIDDEN)}
+    rt = RestoreRuntime({name: kv}, BLOCKS, BS, pool, acts, {name: spec}, 8 * BS)
+    rt.cuda = True  # the GPU path, with the kernel failing as it would on such a GPU
+    launches = []
+
+    def failing(*args, **kwargs):
+        launches.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(kernels, "recompute_kv", failing)
+    x = torch.randn(BS, HIDDEN)
+    with caplog.at_level(logging.ERROR, logger="vllm_partial_kv.restore"):
+        rt._recompute(name, x, BS)
+    assert launches == [1] and rt.kernel == "torch" and "Triton recompute kernel failed" in caplog.text
+    ((k, v),) = written
+    torch.testing.assert_close(v.reshape(BS, -1), x @ w[kv_dim:].T)
+    rt._recompute(name, x, BS)
+    assert launches == [1] and len(written) == 2

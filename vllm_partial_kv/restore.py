@@ -359,18 +359,25 @@ class RestoreRuntime:
             rotary = spec.rotary_emb
             b_k, b_v = spec.biases()
             scaled = self.kv_caches[name].element_size() == 1
-            recompute_kv(
-                x, spec.w_k, spec.w_v, k_view, v_view, slots, positions,
-                rotary.cos_sin_cache if rotary is not None else None,
-                is_neox=rotary.is_neox_style if rotary is not None else True,
-                b_k=b_k, b_v=b_v,
-                k_norm_weight=spec.k_norm.weight if spec.k_norm is not None else None,
-                k_norm_eps=spec.k_norm.variance_epsilon if spec.k_norm is not None else 1e-6,
-                k_scale=attn._k_scale_float if scaled else None,
-                v_scale=attn._v_scale_float if scaled else None,
-                backend="triton",
-            )
-            return
+            try:
+                recompute_kv(
+                    x, spec.w_k, spec.w_v, k_view, v_view, slots, positions,
+                    rotary.cos_sin_cache if rotary is not None else None,
+                    is_neox=rotary.is_neox_style if rotary is not None else True,
+                    b_k=b_k, b_v=b_v,
+                    k_norm_weight=spec.k_norm.weight if spec.k_norm is not None else None,
+                    k_norm_eps=spec.k_norm.variance_epsilon if spec.k_norm is not None else 1e-6,
+                    k_scale=attn._k_scale_float if scaled else None,
+                    v_scale=attn._v_scale_float if scaled else None,
+                    backend="triton",
+                )
+                return
+            except Exception:  # refused or failed to compile before writing anything
+                logger.exception(
+                    "partial_kv: the Triton recompute kernel failed on %s; restores use vLLM's "
+                    "own modules from now on", name,
+                )
+                self.kernel = "torch"
         # Reference path: vLLM's own modules for the norm and RoPE, and the attention backend's
         # own cache write, so every layout and cache dtype vLLM supports is handled.
         k, v = spec.project_kv(x)
