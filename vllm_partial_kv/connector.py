@@ -87,7 +87,7 @@ def kv_budget_with_activations(vllm_config, available: int) -> int:
     kv_per_token = shape.kv_bytes_per_token
     if "fp8" in str(vllm_config.cache_config.cache_dtype):
         kv_per_token //= shape.dtype_bytes
-    staging = 2 * parse_config(_extra_config(vllm_config)).max_recompute_tokens * shape.act_bytes_per_token
+    staging = _staging_bytes(shape, parse_config(_extra_config(vllm_config)))
     kv = int(max(0, available - staging) * kv_per_token / (kv_per_token + shape.act_bytes_per_token))
     logger.info(
         "partial_kv: of the %.2f GiB vLLM found for the KV cache, %.2f GiB go to activation "
@@ -95,6 +95,11 @@ def kv_budget_with_activations(vllm_config, available: int) -> int:
         available / 2**30, (available - kv) / 2**30,
     )
     return kv
+
+
+def _staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
+    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens."""
+    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token
 
 
 def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> int:
@@ -270,8 +275,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
         num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes * self.with_act)
         rows = num_blocks * self.block_size + 1
-        on_device = self.with_act * self.shape.act_bytes_per_token * (
-            rows * len(views) + 2 * self.cfg.max_recompute_tokens  # capture + staging
+        on_device = self.with_act * (  # capture buffers + staging
+            rows * len(views) * self.shape.act_bytes_per_token + _staging_bytes(self.shape, self.cfg)
         )
         host = device if device.type == "cpu" else torch.device("cpu")
         needs = {device: on_device}

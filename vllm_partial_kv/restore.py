@@ -245,14 +245,15 @@ class RestoreRuntime:
         if n_rc and not self.layers:
             raise RuntimeError("recompute requested but no activations are captured")
         if n_rc:
-            blocks = torch.tensor(rc_blocks, dtype=torch.long)
+            blocks = _index(rc_blocks)
             slot_map = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
             self._write_index(slot_map, torch.cat(positions))
         layerwise = layerwise and self.layerwise
         kv_idx = (_index(kv_slots), _index(kv_blocks))
         rc_idx = (_index(rc_slots), torch.arange(len(rc_slots)))  # host slot -> staging row
         if self.cuda:
-            self._load_pipelined(rc_idx, kv_idx, n_rc, layerwise)
+            stored = self._last_store_touching("slots", rc_slots + kv_slots)
+            self._load_pipelined(rc_idx, kv_idx, n_rc, layerwise, stored)
         else:
             t0 = time.perf_counter()
             for name in self.names:
@@ -276,15 +277,16 @@ class RestoreRuntime:
         self._slots_buf[:n].copy_(slot_map, non_blocking=True)
         self._pos_buf[:n].copy_(positions, non_blocking=True)
 
-    def _load_pipelined(self, rc_idx, kv_idx, n_rc: int, layerwise: bool) -> None:
+    def _load_pipelined(
+        self, rc_idx, kv_idx, n_rc: int, layerwise: bool, stored: torch.cuda.Event | None
+    ) -> None:
         main = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         main.record_event(start)
         # After this restore's index write and vLLM's fence on the blocks it writes, and after
-        # the stores into the slots it reads; the compute stream follows through its waits on
-        # the copy stream's events.
+        # the newest store into a slot it reads (`stored`); the compute stream follows through
+        # its waits on the copy stream's events.
         self.copy_stream.wait_stream(main)
-        stored = self._last_store_touching("slots", rc_idx[0].tolist() + kv_idx[0].tolist())
         if stored is not None:
             self.copy_stream.wait_event(stored)
         for layer, name in enumerate(self.names):
