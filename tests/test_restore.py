@@ -68,12 +68,28 @@ def _prompt(seed: int, n: int, vocab: int = 1000) -> dict:
     return {"prompt_token_ids": torch.randint(10, vocab, (n,), generator=g).tolist()}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_restored_kv_equals_original(arch, tiny_model, make_llm):
+def _scheduler_connector(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler.connector
+
+
+@pytest.mark.parametrize("arch,async_load", [(a, True) for a in ARCHS] + [("llama2", False)])
+def test_restored_kv_equals_original(arch, async_load, tiny_model, make_llm):
     """Recomputed blocks hold the same K/V as the blocks vLLM wrote, for r = 0, middle, n."""
-    llm = make_llm(tiny_model(arch), kv_transfer_config=_connector_cfg(0.5))
+    llm = make_llm(tiny_model(arch), kv_transfer_config=_connector_cfg(0.5, async_load=async_load))
     worker = _worker()
     runtime = worker.runtime
+    scheduler = _scheduler_connector(llm)
+    finished = []  # asynchronous loads the worker reported done, as the scheduler saw them
+    update = scheduler.update_connector_output
+    scheduler.update_connector_output = lambda out: (finished.extend(out.finished_recving or ()), update(out))
+    # A store may still be reading the blocks a restore writes: the step's fence must cover them.
+    fenced, unfenced = [], []
+    handle, load_fn = worker.handle_preemptions, runtime.load
+    worker.handle_preemptions = lambda meta: (fenced.append(set(meta.new_block_ids)), handle(meta))
+    runtime.load = lambda loads, *a: (
+        unfenced.extend(b for spec in loads for b in spec.block_ids if b not in fenced[-1]),
+        load_fn(loads, *a),
+    )[1]
     prompt = _prompt(1, 9 * 32 + 5)
     sp = SamplingParams(temperature=0, max_tokens=4)
     first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
@@ -85,8 +101,14 @@ def test_restored_kv_equals_original(arch, tiny_model, make_llm):
         (load,) = runtime.last_loads
         assert len(load.block_ids) == 9
         assert abs(load.recompute_blocks - ratio * 9) <= 0.5
-        # vLLM's forward waited for each restored layer just before its attention, in order.
-        assert runtime.last_waited == runtime.names and runtime.layerwise
+        assert fenced and not unfenced
+        if async_load:  # the request waited for its load outside any forward
+            assert runtime.last_waited == [] and len(finished) == 1
+            assert not scheduler._in_flight and not worker._loading
+            finished.clear()
+        else:  # vLLM's forward waited for each restored layer just before its attention, in order
+            assert runtime.last_waited == runtime.names and runtime.layerwise
+            assert finished == []
         worst = 0.0
         for name in runtime.names:
             for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
@@ -173,7 +195,7 @@ def test_full_store_keeps_serving(tiny_model, make_llm):
     baseline = _conversations(make_llm(model, **small), 4, 3, sp)
     llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(1.0, cpu_bytes=6 << 20))
     assert _conversations(llm, 4, 3, sp) == baseline
-    scheduler_index = llm.llm_engine.engine_core.engine_core.scheduler.connector.index
+    scheduler_index = _scheduler_connector(llm).index
     assert scheduler_index.evictions > 0
 
 
@@ -202,7 +224,7 @@ def test_failed_restore_costs_the_request_not_the_engine(tiny_model, make_llm):
     prompt, sp = _prompt(3, 6 * 32 + 7), SamplingParams(temperature=0, max_tokens=8)
     first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
 
-    def broken(loads, layerwise=True):
+    def broken(loads, wait="none"):
         raise RuntimeError("injected restore failure")
 
     runtime.load = broken
@@ -223,7 +245,7 @@ def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make
     those GPU blocks again (their host copies evicted meanwhile), it must not keep those rows."""
     llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(1.0))
     runtime = _worker().runtime
-    index = llm.llm_engine.engine_core.engine_core.scheduler.connector.index
+    index = _scheduler_connector(llm).index
     sp = SamplingParams(temperature=0, max_tokens=4)
     prompt = _prompt(5, 6 * 32 + 3)
     longer = {"prompt_token_ids": prompt["prompt_token_ids"] + _prompt(6, 40)["prompt_token_ids"]}

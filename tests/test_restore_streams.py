@@ -140,7 +140,7 @@ def _forward(tl: Timeline, rt: RestoreRuntime, names: list[str], skip: str | Non
 
 
 def _step(
-    tl, rt, names, recompute_blocks: int, layerwise: bool = True, skip=None,
+    tl, rt, names, recompute_blocks: int, wait: str = "layers", skip=None,
     slots=(0, 1, 2), new_blocks=(5, 6, 7), store=(9, 3),
 ) -> None:
     """One step as vLLM drives it: fence (handle_preemptions), writes into the new blocks, the
@@ -148,7 +148,7 @@ def _step(
     rt.fence_blocks(list(new_blocks))
     for block in new_blocks:
         tl.op("write", block)
-    rt.load([LoadSpec(list(slots), list(new_blocks[:3]), 0, recompute_blocks)], layerwise=layerwise)
+    rt.load([LoadSpec(list(slots), list(new_blocks[:3]), 0, recompute_blocks)], wait)
     _forward(tl, rt, names, skip)
     rt.store([store[0]], [store[1]], [True])
 
@@ -228,7 +228,7 @@ def test_streamed_only_restore_is_waited_per_layer(rig):
 
 def test_full_cuda_graph_step_waits_for_the_whole_restore(rig):
     tl, rt, names = rig
-    _step(tl, rt, names, recompute_blocks=2, layerwise=False)
+    _step(tl, rt, names, recompute_blocks=2, wait="whole")
     assert tl.before(("kv", names[-1]), ("read", names[0]))
     assert tl.before(("rc", names[-1], 1), ("read", names[0]))
     assert rt.last_waited == []
@@ -242,6 +242,29 @@ def test_a_skipped_wait_switches_to_whole_restores(rig, caplog):
     _step(tl, rt, names, recompute_blocks=2)  # asks for layerwise, gets whole
     assert tl.before(("kv", names[-1]), ("read", names[0]))
     assert tl.before(("rc", names[-1], 1), ("read", names[0]))
+
+
+def test_an_async_restore_is_waited_for_by_nobody_and_ordered_on_its_own_streams(rig):
+    """vLLM keeps the restoring request out of the batch until the returned event completes;
+    the forwards of other requests meanwhile do not wait, and the next restore reuses the index
+    and staging buffers only after this one's recomputes read them (no forward in between
+    orders them)."""
+    tl, rt, names = rig
+    first = rt.load([LoadSpec([0, 1, 2], [5, 6, 7], 0, 2)], "none")
+    _forward(tl, rt, names)  # other requests' step
+    assert rt.last_waited == []
+    for name in names:
+        assert not tl.before(("kv", name), ("read", name))
+        assert not tl.before(("rc", name, names.index(name) % 2), ("read", name))
+        assert _after(first.clock, tl.find("kv", name)[0])
+        assert _after(first.clock, tl.find("rc", name, names.index(name) % 2)[0])
+    second = rt.load([LoadSpec([3, 4], [10, 11], 0, 2)], "none")
+    assert second is not first
+    second_index = tl.find("index")[1]
+    for name, slot in ((names[-2], 0), (names[-1], 1)):
+        read = tl.find("rc", name, slot)[0]
+        assert _after(second_index, read)
+        assert _after(tl.find("act", names[slot], slot)[1], read)
 
 
 def test_whole_restore_unless_the_forward_calls_back():
@@ -277,7 +300,6 @@ def test_a_restore_that_fails_midway_is_drained_before_later_writes(rig):
     rt.copy = failing
     with pytest.raises(RuntimeError):
         rt.load([LoadSpec([0, 1, 2], [5, 6, 7], 0, 2)])
-    rt.finish_step()  # wait_for_save, after the step's forward
     rt.copy = copy
     _step(tl, rt, names, recompute_blocks=2, new_blocks=(5, 6, 7))
     rewrite = tl.find("write", 5)[0]

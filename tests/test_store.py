@@ -57,6 +57,15 @@ def test_clear_keeps_pinned():
     assert {index.allocate(h(i), True) for i in range(5, 8)} | {index.lookup([h(1)])[0][0]} == {0, 1, 2, 3}
 
 
+def test_discard_frees_slots_but_keeps_pinned_entries():
+    index = BlockIndex(3)
+    slots = [index.allocate(h(i), has_activations=True) for i in range(3)]
+    index.pin([h(1)])  # another load still reads it
+    assert index.discard([h(0), h(1), h(9)]) == 1
+    assert h(0) not in index and h(1) in index and index.evictions == 0
+    assert index.allocate(h(5), has_activations=True) == slots[0]  # no eviction needed
+
+
 def test_budget_too_small_is_a_clear_error():
     assert slots_for_budget(10 << 20, 1 << 20) == 10
     with pytest.raises(ValueError, match="cannot hold a single block"):
@@ -69,6 +78,7 @@ def test_config_defaults_and_errors():
     assert parse_config(None).recompute_ratio is None  # auto
     assert parse_config({"recompute_ratio": "auto"}).wants_activations is None
     assert parse_config({"recompute_ratio": 0}).wants_activations is False
+    assert parse_config(None).async_load and not parse_config({"async_load": False}).async_load
     for bad in (
         {"recompute_ratio": 1.5},
         {"recompute_ratio": "half"},
@@ -76,6 +86,7 @@ def test_config_defaults_and_errors():
         {"cpu_bytes": -1},
         {"cpu_bytes": 1.5},
         {"offload_prompt_only": "yes"},
+        {"async_load": 1},
         {"kernel": "cuda"},
         {"max_recompute_tokens": 0},
         {"cpu_byte": 1},

@@ -25,6 +25,9 @@ class PartialKVConfig:
     kernel: str = "auto"
     """Recompute backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     profile_cache_dir: str | None = None
+    async_load: bool = True
+    """Restore between steps while other requests keep running, as vLLM's own offloading does;
+    false restores inside the step that needs the blocks (the forward waits per layer)."""
 
     @property
     def wants_activations(self) -> bool | None:
@@ -52,11 +55,11 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
         )
     if "recompute_ratio" in extra:
         out["recompute_ratio"] = _ratio(extra["recompute_ratio"])
-    if "offload_prompt_only" in extra:
-        value = extra["offload_prompt_only"]
-        if not isinstance(value, bool):
-            raise ConfigError(f"offload_prompt_only must be true or false, got {value!r}")
-        out["offload_prompt_only"] = value
+    for name in ("offload_prompt_only", "async_load"):
+        if name in extra:
+            if not isinstance(extra[name], bool):
+                raise ConfigError(f"{name} must be true or false, got {extra[name]!r}")
+            out[name] = extra[name]
     if "kernel" in extra:
         if extra["kernel"] not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernel must be auto, triton or torch, got {extra['kernel']!r}")

@@ -1,12 +1,15 @@
 """`PartialRecomputeConnector`: vLLM's V1 KV-connector API, thin halves over store/restore/planner.
 
-Scheduler half: finds offloaded prefixes by vLLM's block hashes, pins them for the step that
-loads them, and allocates host slots for blocks that fill up (prompt and, by default, decode).
+Scheduler half: finds offloaded prefixes by vLLM's block hashes, pins them until they are
+loaded, and allocates host slots for blocks that fill up (prompt and, by default, decode).
 Worker half: copies finished blocks (K/V and captured activations) to the host after each
-forward, and before a forward restores hit blocks, recomputing the leading ones from activations
-with the split the planner picks for the whole batch; the forward waits for each layer's restore
-(`wait_for_layer_load`), and blocks vLLM reallocates wait for stores still reading them
-(`handle_preemptions`). A restore that fails is reported to vLLM as a KV load error.
+forward, and restores hit blocks, recomputing the leading ones from activations with the split
+the planner picks for the whole batch. By default loads are asynchronous, like vLLM's own
+offloading: the request waits (WAITING_FOR_REMOTE_KVS) while other requests' steps run, until
+`get_finished` reports its restore done. With `async_load: false` the restore runs inside the
+step that needs it and the forward waits for each layer (`wait_for_layer_load`). Blocks vLLM
+reallocates wait for stores still reading them (`handle_preemptions`). A restore that fails is
+reported to vLLM as a KV load error.
 """
 
 from __future__ import annotations
@@ -149,6 +152,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self.index = BlockIndex(self.num_slots)
             self.reqs: dict[str, _Request] = {}
             self._matched: dict[str, tuple[int, int]] = {}
+            self._to_load: list[str] = []  # requests whose load goes into the next metadata
+            self._in_flight: dict[str, list[bytes]] = {}  # async loads: request -> pinned hashes
             # GPU block -> hash of the block restored into it: its activation rows were never
             # written (restores write K/V only), so storing it again must not keep them.
             self._restored: dict[int, bytes] = {}
@@ -160,6 +165,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         else:
             self.profiles: dict[bool, planner.Profile] = {}  # keyed by "GPU busy with decodes"
             self._failed_blocks: set[int] = set()  # restores that failed, for vLLM to recover
+            self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
             self._stats = PartialKVStats()
             self.totals = PartialKVStats()  # since start-up, for logs and tests
 
@@ -173,7 +179,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         if hits == 0:
             return 0, False
         self._matched[request.request_id] = (first, hits)
-        return hits * self.block_size, False
+        return hits * self.block_size, self.cfg.async_load
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         state = self.reqs.setdefault(request.request_id, _Request(request))
@@ -187,9 +193,13 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         state.pinned += hashes
         self.index.pin(hashes)
         state.load = (first, n)
+        self._to_load.append(request.request_id)
+        if self.cfg.async_load:  # the request is not scheduled: its blocks come from here
+            state.block_ids = list(blocks.get_block_ids()[0])
 
     def build_connector_meta(self, scheduler_output) -> PartialKVMetadata:
         meta = PartialKVMetadata()
+        scheduled = []
         for req_id, new_ids, resumed in yield_req_data(scheduler_output):
             state = self.reqs.get(req_id)
             if state is None:
@@ -200,29 +210,54 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 replace = resumed or state.replace_ids
                 state.block_ids = ids if replace else state.block_ids + ids
                 state.replace_ids = False
-            if state.load is not None:
-                first, n = state.load
-                hashes = compat.request_block_hashes(state.request)[first : first + n]
-                entries = self.index.lookup(hashes)  # pinned since update_state_after_alloc
-                block_ids = state.block_ids[first : first + n]
-                self._restored.update(zip(block_ids, hashes))
-                meta.loads.append(
-                    LoadSpec(
-                        slots=[slot for slot, _ in entries],
-                        block_ids=block_ids,
-                        first_position=first * self.block_size,
-                        recompute_blocks=_leading_with_act(entries),
-                    )
-                )
-                state.load = None
+            scheduled.append((req_id, state))
+        for req_id in self._to_load:
+            state = self.reqs.get(req_id)
+            if state is not None and state.load is not None:
+                meta.loads.append(self._load_spec(req_id, state))
+                if self.cfg.async_load:
+                    meta.new_block_ids += state.block_ids  # written by the restore, not by vLLM
+        self._to_load = []
+        for req_id, state in scheduled:
             self._plan_stores(req_id, state, scheduler_output, meta)
-        meta.busy = len(scheduler_output.num_scheduled_tokens) > len(meta.loads)
-        # Loads of this step are issued before its stores: their slots may be reused now.
-        for state in self.reqs.values():
+        loading = {spec.req_id for spec in meta.loads}
+        meta.busy = any(r not in loading for r in scheduler_output.num_scheduled_tokens)
+        # Synchronous loads are issued before this step's stores: their slots may be reused
+        # now. Asynchronous ones stay pinned until the worker reports them finished.
+        for req_id, state in self.reqs.items():
             if state.pinned:
-                self.index.unpin(state.pinned)
+                if req_id in loading and self.cfg.async_load:
+                    self._in_flight[req_id] = state.pinned
+                else:
+                    self.index.unpin(state.pinned)
                 state.pinned = []
         return meta
+
+    def _load_spec(self, req_id: str, state: _Request) -> LoadSpec:
+        first, n = state.load
+        state.load = None
+        hashes = compat.request_block_hashes(state.request)[first : first + n]
+        entries = self.index.lookup(hashes)  # pinned since update_state_after_alloc
+        block_ids = state.block_ids[first : first + n]
+        self._restored.update(zip(block_ids, hashes))
+        return LoadSpec(
+            slots=[slot for slot, _ in entries],
+            block_ids=block_ids,
+            first_position=first * self.block_size,
+            recompute_blocks=_leading_with_act(entries),
+            req_id=req_id,
+        )
+
+    def update_connector_output(self, connector_output) -> None:
+        """Asynchronous loads the worker finished may be evicted again. Entries whose restore
+        failed are dropped: vLLM recomputes those blocks instead of asking for them again
+        (an asynchronous retry would otherwise hit the same entries, and fail, forever)."""
+        for req_id in connector_output.finished_recving or ():
+            self.index.unpin(self._in_flight.pop(req_id, []))
+        failed = [self._restored.pop(b) for b in connector_output.invalid_block_ids if b in self._restored]
+        if failed:
+            dropped = self.index.discard(failed)
+            logger.warning("partial_kv: dropped %d host blocks whose restore failed", dropped)
 
     def _plan_stores(self, req_id: str, state: _Request, scheduler_output, meta) -> None:
         req = state.request
@@ -246,6 +281,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         state.stored_blocks = max(state.stored_blocks, full)
 
     def request_finished(self, request, block_ids=None) -> tuple[bool, dict | None]:
+        # An aborted request's load in flight keeps its pins until the worker reports it done
+        # (vLLM keeps its blocks until then too).
         state = self.reqs.pop(request.request_id, None)
         if state is not None and state.pinned:
             self.index.unpin(state.pinned)
@@ -325,9 +362,13 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
+        if self.cfg.async_load:
+            wait = "none"
+        else:
+            wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
         try:
             self._choose_split(meta.loads, meta.busy)
-            self.runtime.load(meta.loads, layerwise=compat.calls_layer_waits(forward_context))
+            done = self.runtime.load(meta.loads, wait)
         except Exception:
             # A restore that fails must cost its requests, not the engine: vLLM recomputes the
             # blocks or fails the requests (kv_load_failure_policy "recompute" or "fail").
@@ -338,6 +379,16 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             )
             self._failed_blocks |= blocks
             self.runtime.stats.failed_restores += 1
+            done = None  # reported finished at once, with its blocks as load errors
+        if self.cfg.async_load:
+            self._loading.update(dict.fromkeys((spec.req_id for spec in meta.loads), done))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Asynchronous loads whose restore has completed on the device."""
+        done = {r for r, event in self._loading.items() if event is None or event.query()}
+        for req_id in done:
+            del self._loading[req_id]
+        return None, done or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

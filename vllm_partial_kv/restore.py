@@ -10,17 +10,25 @@ Restore pipeline (CUDA), per layer l, on two side streams:
     compute stream: wait for layer l's activations, recompute K/V into the paged blocks,
                     release staging[l % 2] for layer l + 2, wait for layer l's K/V copy,
                     mark layer l done
-so layer l+1's copies overlap layer l's recompute, and the forward's attention for layer l
-(`wait_layer`, called by vLLM from inside the forward) waits only for layer l. A step replayed
-as one full CUDA graph never calls back, so there the forward waits for the whole restore.
+so layer l+1's copies overlap layer l's recompute. Who waits for it (`wait`):
+    "none"   nobody: an asynchronous load (the default); vLLM keeps the request waiting until
+             the event `load` returns has completed, and other requests' steps run meanwhile
+    "layers" the forward's attention for layer l (`wait_layer`, called by vLLM from inside the
+             forward) waits only for layer l
+    "whole"  the forward waits for the whole restore (a step replayed as one full CUDA graph
+             never calls back)
+Consecutive restores are ordered on the side streams themselves (a restore's index and staging
+writes follow the previous restore's reads), so a restore nobody waits for is still safe.
 On the CPU the same steps run one after the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -39,6 +47,10 @@ class LoadSpec:
     block_ids: list[int]
     first_position: int
     recompute_blocks: int = 0
+    req_id: str = ""
+
+
+Wait = Literal["none", "layers", "whole"]
 
 
 @dataclass
@@ -157,7 +169,6 @@ class RestoreRuntime:
         self.last_waited: list[str] = []  # layers the latest restoring forward waited for, in order
         self.layerwise = True  # cleared for good if vLLM ever skips a layer's wait
         self._awaiting: dict[str, torch.cuda.Event | None] = {}
-        self._restoring = False  # a restore was issued since the last finish_step
         self._pending_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stores: list[_StoreInFlight] = []  # oldest first; CUDA only
         if self.cuda:
@@ -220,15 +231,24 @@ class RestoreRuntime:
                 torch.cuda.current_stream(self.device).wait_event(done)
 
     # ---------------------------------------------------------------- restores (host -> device)
-    def load(self, loads: list[LoadSpec], layerwise: bool = True) -> None:
-        """Issue a step's restores. With `layerwise`, the forward must call `wait_layer` for every
-        layer before reading it (vLLM does, around each attention op); otherwise the current
-        stream waits here for the whole restore."""
+    def load(self, loads: list[LoadSpec], wait: Wait = "layers") -> torch.cuda.Event | None:
+        """Issue a step's restores. Returns, for `wait="none"`, an event that completes with
+        the restore (None when it already has, on the CPU). A restore that raises midway is
+        drained first: vLLM rewrites the blocks of a failed restore and must not race its copies."""
         if not loads:
-            return
+            return None
+        try:
+            return self._load(loads, wait)
+        except BaseException:
+            if self.cuda:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_stream(self.copy_stream)
+                main.wait_stream(self.compute_stream)
+            raise
+
+    def _load(self, loads: list[LoadSpec], wait: Wait) -> torch.cuda.Event | None:
         self.last_loads = loads
         self.last_waited = []
-        self._restoring = True
         rc_slots, rc_blocks, positions = [], [], []
         kv_slots, kv_blocks = [], []
         for spec in loads:
@@ -247,13 +267,17 @@ class RestoreRuntime:
         if n_rc:
             blocks = _index(rc_blocks)
             slot_map = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
-            self._write_index(slot_map, torch.cat(positions))
-        layerwise = layerwise and self.layerwise
+            # On the compute stream: after the previous restore's recomputes read the buffers.
+            with torch.cuda.stream(self.compute_stream) if self.cuda else contextlib.nullcontext():
+                self._write_index(slot_map, torch.cat(positions))
+        if wait == "layers" and not self.layerwise:
+            wait = "whole"
         kv_idx = (_index(kv_slots), _index(kv_blocks))
         rc_idx = (_index(rc_slots), torch.arange(len(rc_slots)))  # host slot -> staging row
+        done = None
         if self.cuda:
             stored = self._last_store_touching("slots", rc_slots + kv_slots)
-            self._load_pipelined(rc_idx, kv_idx, n_rc, layerwise, stored)
+            done = self._load_pipelined(rc_idx, kv_idx, n_rc, wait, stored)
         else:
             t0 = time.perf_counter()
             for name in self.names:
@@ -262,31 +286,32 @@ class RestoreRuntime:
                     self.copy(self.staging[0], rc_idx[1], self.pool.act[name], rc_idx[0])
                     self._recompute(name, self.staging[0].view(-1, self.staging[0].shape[-1])[:n_rc], n_rc)
             self.stats.restore_seconds.append(time.perf_counter() - t0)
-            if layerwise:  # nothing to wait for, but the forward's calls are still checked
+            if wait == "layers":  # nothing to wait for, but the forward's calls are still checked
                 self._awaiting = dict.fromkeys(self.names)
         self.stats.loaded_blocks += len(kv_blocks) + len(rc_blocks)
         self.stats.recomputed_blocks += len(rc_blocks)
         self.stats.bytes_to_device += (
             len(kv_blocks) * self._kv_slot_bytes + len(rc_blocks) * self._act_slot_bytes
         )
+        return done if wait == "none" else None
 
     def _write_index(self, slot_map: torch.Tensor, positions: torch.Tensor) -> None:
-        """Slots and positions of the recomputed tokens, on the current stream (the compute
-        stream waits for it; the next write waits for this restore through `finish_step`)."""
+        """Slots and positions of the recomputed tokens (on the compute stream, which reads them)."""
         n = slot_map.numel()
         self._slots_buf[:n].copy_(slot_map, non_blocking=True)
         self._pos_buf[:n].copy_(positions, non_blocking=True)
 
     def _load_pipelined(
-        self, rc_idx, kv_idx, n_rc: int, layerwise: bool, stored: torch.cuda.Event | None
-    ) -> None:
+        self, rc_idx, kv_idx, n_rc: int, wait: Wait, stored: torch.cuda.Event | None
+    ) -> torch.cuda.Event:
         main = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         main.record_event(start)
-        # After this restore's index write and vLLM's fence on the blocks it writes, and after
-        # the newest store into a slot it reads (`stored`); the compute stream follows through
-        # its waits on the copy stream's events.
+        # After vLLM's fence on the blocks it writes, after the previous restore's recomputes
+        # (staging reuse), and after the newest store into a slot it reads (`stored`); the
+        # compute stream follows through its waits on the copy stream's events.
         self.copy_stream.wait_stream(main)
+        self.copy_stream.wait_stream(self.compute_stream)
         if stored is not None:
             self.copy_stream.wait_event(stored)
         for layer, name in enumerate(self.names):
@@ -309,10 +334,11 @@ class RestoreRuntime:
                 self.compute_stream.record_event(self._layer_done[name])
         self.compute_stream.record_event(end)
         self._pending_timers.append((start, end))
-        if layerwise:
+        if wait == "layers":
             self._awaiting = dict(self._layer_done)
-        else:
-            main.wait_event(self._layer_done[self.names[-1]])
+        elif wait == "whole":
+            main.wait_event(end)
+        return end
 
     def wait_layer(self, name: str) -> None:
         """Called before the forward reads layer `name`: order it after that layer's restore."""
@@ -324,13 +350,7 @@ class RestoreRuntime:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def finish_step(self) -> None:
-        """After the forward: order everything later (stores, the next restore's index and
-        staging writes) after this step's restore, and catch forwards that skipped a wait."""
-        if self.cuda and self._restoring:  # everything issued, even by a restore that failed
-            main = torch.cuda.current_stream(self.device)
-            main.wait_stream(self.copy_stream)
-            main.wait_stream(self.compute_stream)
-        self._restoring = False
+        """After the forward: catch forwards that skipped a layer's wait."""
         if self._awaiting:
             logger.warning(
                 "partial_kv: the forward read %d restored layers without waiting for them "

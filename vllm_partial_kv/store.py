@@ -97,6 +97,16 @@ class BlockIndex:
                 return True
         return False
 
+    def discard(self, hashes: Sequence[bytes]) -> int:
+        """Drop these entries unless a load still pins them; returns how many were dropped."""
+        dropped = 0
+        for h in hashes:
+            entry = self._entries.get(h)
+            if entry is not None and entry.pins == 0:
+                self._free.append(self._entries.pop(h).slot)
+                dropped += 1
+        return dropped
+
     def clear(self) -> None:
         """Drop every unpinned entry (vLLM's reset_prefix_cache)."""
         for h in [h for h, e in self._entries.items() if e.pins == 0]:
