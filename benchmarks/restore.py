@@ -72,7 +72,7 @@ def child(args) -> dict:
         )
     else:
         extra = {"cpu_bytes": int(args.cpu_gib * gib), "recompute_ratio": 1.0,
-                 "max_recompute_tokens": args.seqs * args.tokens}
+                 "max_recompute_tokens": args.seqs * args.tokens, "async_load": not args.sync_load}
         kv_cfg = KVTransferConfig(
             kv_connector="PartialRecomputeConnector", kv_role="kv_both",
             kv_connector_module_path="vllm_partial_kv.connector", kv_connector_extra_config=extra,
@@ -98,7 +98,8 @@ def child(args) -> dict:
         llm.reset_prefix_cache()
         run()
 
-    out = {"system": args.system, "shape": args.shape, "tokens": args.seqs * args.tokens}
+    out = {"system": args.system, "shape": args.shape, "tokens": args.seqs * args.tokens,
+           "async_load": args.system == "native" or not args.sync_load}
     out["cold_s"] = _time(run, 1)
     time.sleep(1.0)
     run()  # lets asynchronous stores (native) finish and be acknowledged
@@ -152,7 +153,8 @@ def parent(args) -> None:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--shape", shape,
                "--system", system, "--seqs", str(args.seqs), "--tokens", str(args.tokens),
                "--cpu-gib", str(args.cpu_gib), "--gpu-kv-gib", str(args.gpu_kv_gib),
-               "--repeats", str(args.repeats)] + (["--eager"] if args.eager else [])
+               "--repeats", str(args.repeats)] + (["--eager"] if args.eager else []) + (
+                   ["--sync-load"] if args.sync_load else [])
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
@@ -240,6 +242,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="skip torch.compile and CUDA graphs")
     p.add_argument("--budget-s", type=float, default=480, help="stop starting engines after this")
+    p.add_argument("--sync-load", action="store_true",
+                   help="partial recompute restores inside the step (async_load: false)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (CI)")
     p.add_argument("--out")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -296,7 +296,11 @@ class RestoreRuntime:
         return done if wait == "none" else None
 
     def _write_index(self, slot_map: torch.Tensor, positions: torch.Tensor) -> None:
-        """Slots and positions of the recomputed tokens (on the compute stream, which reads them)."""
+        """Slots and positions of the recomputed tokens (on the compute stream, which reads them).
+        From pinned memory on CUDA: a pageable source may make the host wait for the stream,
+        i.e. for the previous restore, which an asynchronous load must not."""
+        if self.cuda:
+            slot_map, positions = slot_map.pin_memory(), positions.pin_memory()
         n = slot_map.numel()
         self._slots_buf[:n].copy_(slot_map, non_blocking=True)
         self._pos_buf[:n].copy_(positions, non_blocking=True)
