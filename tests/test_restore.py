@@ -263,3 +263,74 @@ def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make
     for name in runtime.names:
         for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
             torch.testing.assert_close(gpu[load.block_ids], host[load.slots], rtol=1e-3, atol=1e-3)
+
+
+def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model, make_llm):
+    """While a restore is in flight, its request waits and the others keep decoding; its host
+    entries stay pinned until the worker reports the load done, even when the request is
+    aborted meanwhile; the restored request then gives the same tokens."""
+    from vllm.v1.request import RequestStatus
+
+    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
+    worker, scheduler = _worker(), _scheduler_connector(llm)
+    engine, runtime = llm.llm_engine, worker.runtime
+    core = engine.engine_core.engine_core.scheduler
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    prompt, other = _prompt(7, 6 * 32 + 5), _prompt(8, 40)
+    expected = list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
+
+    class InFlight:  # a restore the device finishes only after a few polls
+        def __init__(self) -> None:
+            self.polls = 4
+
+        def query(self) -> bool:
+            self.polls -= 1
+            return self.polls < 0
+
+    load = runtime.load
+    runtime.load = lambda loads, wait: (load(loads, wait), InFlight())[1]
+
+    def request(prefix: str):
+        return next((r for rid, r in core.requests.items() if rid.startswith(prefix)), None)
+
+    # 1. The other request decodes while the restoring one waits for its load.
+    llm.reset_prefix_cache()
+    engine.add_request("restoring", prompt, sp)
+    engine.add_request("other", other, SamplingParams(temperature=0, max_tokens=40))
+    progress, got = set(), None
+    for _ in range(200):
+        waiting = request("restoring")
+        loading = waiting is not None and waiting.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+        if loading and waiting.request_id not in core.finished_recving_kv_req_ids:
+            assert scheduler._in_flight  # its host entries are pinned until the load is done
+        if loading:
+            progress.add(request("other").num_output_tokens)
+        for out in engine.step():
+            if out.finished and out.request_id.startswith("restoring"):
+                got = list(out.outputs[0].token_ids)
+        if not engine.has_unfinished_requests():
+            break
+    assert got == expected
+    assert len(progress) >= 3, f"the other request did not decode during the restore: {progress}"
+    assert not scheduler._in_flight and not worker._loading
+
+    # 2. Aborted while its load is in flight: pins and blocks are kept until the load is done.
+    llm.reset_prefix_cache()
+    engine.add_request("aborted", prompt, sp)
+    engine.step()
+    assert request("aborted").status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    pinned = [h for hashes in scheduler._in_flight.values() for h in hashes]
+    engine.abort_request([request("aborted").request_id])
+    assert pinned and all(scheduler.index._entries[h].pins > 0 for h in pinned)
+    # The engine keeps serving; the next steps report the load done and release everything.
+    engine.add_request("after", prompt, sp)
+    got = None
+    for _ in range(200):
+        for out in engine.step():
+            if out.finished and out.request_id.startswith("after"):
+                got = list(out.outputs[0].token_ids)
+        if not engine.has_unfinished_requests():
+            break
+    assert got == expected
+    assert not scheduler._in_flight
+    assert all(e.pins == 0 for e in scheduler.index._entries.values())
