@@ -214,15 +214,21 @@ def test_no_room_for_the_store_is_a_clear_startup_error(tiny_model, make_llm, mo
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
 
 
-def test_failed_restore_costs_the_request_not_the_engine(tiny_model, make_llm):
+@pytest.mark.parametrize("async_load", [True, False])
+def test_failed_restore_costs_the_request_not_the_engine(async_load, tiny_model, make_llm):
     """A restore that raises is reported to vLLM as a KV load error: with the "recompute" policy
-    vLLM recomputes the blocks and the answer does not change; the engine keeps serving."""
-    cfg = _connector_cfg(0.5)
-    cfg.kv_load_failure_policy = "recompute"
-    llm = make_llm(tiny_model("llama2"), kv_transfer_config=cfg)
-    runtime = _worker().runtime
+    vLLM recomputes the blocks and the answer does not change; the engine keeps serving. The
+    failed entries are dropped (an asynchronous load is not retried forever), and so is what the
+    failing step stored after them (computed from unrestored K/V)."""
+    model = tiny_model("llama2", peaked=False)  # tokens that depend on every block's K/V
     prompt, sp = _prompt(3, 6 * 32 + 7), SamplingParams(temperature=0, max_tokens=8)
-    first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    longer = {"prompt_token_ids": prompt["prompt_token_ids"] + _prompt(4, 40)["prompt_token_ids"]}
+    expected = [o.outputs[0].token_ids for o in make_llm(model).generate([prompt, longer], sp, use_tqdm=False)]
+    cfg = _connector_cfg(0.5, async_load=async_load)
+    cfg.kv_load_failure_policy = "recompute"
+    llm = make_llm(model, kv_transfer_config=cfg)
+    runtime = _worker().runtime
+    assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[0]
 
     def broken(loads, wait="none"):
         raise RuntimeError("injected restore failure")
@@ -231,13 +237,14 @@ def test_failed_restore_costs_the_request_not_the_engine(tiny_model, make_llm):
     llm.reset_prefix_cache()  # the next turn must restore from the host, and that fails
     for cache in runtime.kv_caches.values():  # so that unrecomputed blocks cannot pass as right
         cache.normal_(0, 10)
-    again = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
-    assert list(again) == list(first)
+    # Restores the prompt's 6 blocks (fails) and, synchronously, computes and stores block 7.
+    assert llm.generate([longer], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[1]
     assert _worker().totals.data["restore_failures"] == 1
     del runtime.load  # restores work again
     llm.reset_prefix_cache()
-    assert list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids) == list(first)
-    assert runtime.last_loads and runtime.last_loads[0].recompute_blocks > 0
+    assert llm.generate([longer], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[1]
+    (load,) = runtime.last_loads
+    assert len(load.block_ids) == 7 and load.recompute_blocks > 0
 
 
 def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make_llm):
@@ -263,6 +270,19 @@ def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make
     for name in runtime.names:
         for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
             torch.testing.assert_close(gpu[load.block_ids], host[load.slots], rtol=1e-3, atol=1e-3)
+
+
+def _run_until_idle(engine, prefix: str, before_step=lambda: None) -> list[int] | None:
+    """Steps the engine until it has nothing left to do; the tokens of request `prefix`."""
+    got = None
+    for _ in range(200):
+        before_step()
+        for out in engine.step():
+            if out.finished and out.request_id.startswith(prefix):
+                got = list(out.outputs[0].token_ids)
+        if not engine.has_unfinished_requests():
+            return got
+    raise AssertionError("the engine was still busy after 200 steps")
 
 
 def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model, make_llm):
@@ -297,20 +317,17 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model,
     llm.reset_prefix_cache()
     engine.add_request("restoring", prompt, sp)
     engine.add_request("other", other, SamplingParams(temperature=0, max_tokens=40))
-    progress, got = set(), None
-    for _ in range(200):
+    progress = set()
+
+    def observe() -> None:
         waiting = request("restoring")
-        loading = waiting is not None and waiting.status == RequestStatus.WAITING_FOR_REMOTE_KVS
-        if loading and waiting.request_id not in core.finished_recving_kv_req_ids:
+        if waiting is None or waiting.status != RequestStatus.WAITING_FOR_REMOTE_KVS:
+            return
+        if waiting.request_id not in core.finished_recving_kv_req_ids:
             assert scheduler._in_flight  # its host entries are pinned until the load is done
-        if loading:
-            progress.add(request("other").num_output_tokens)
-        for out in engine.step():
-            if out.finished and out.request_id.startswith("restoring"):
-                got = list(out.outputs[0].token_ids)
-        if not engine.has_unfinished_requests():
-            break
-    assert got == expected
+        progress.add(request("other").num_output_tokens)
+
+    assert _run_until_idle(engine, "restoring", observe) == expected
     assert len(progress) >= 3, f"the other request did not decode during the restore: {progress}"
     assert not scheduler._in_flight and not worker._loading
 
@@ -324,13 +341,6 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model,
     assert pinned and all(scheduler.index._entries[h].pins > 0 for h in pinned)
     # The engine keeps serving; the next steps report the load done and release everything.
     engine.add_request("after", prompt, sp)
-    got = None
-    for _ in range(200):
-        for out in engine.step():
-            if out.finished and out.request_id.startswith("after"):
-                got = list(out.outputs[0].token_ids)
-        if not engine.has_unfinished_requests():
-            break
-    assert got == expected
+    assert _run_until_idle(engine, "after") == expected
     assert not scheduler._in_flight
     assert all(e.pins == 0 for e in scheduler.index._entries.values())

@@ -249,15 +249,24 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         )
 
     def update_connector_output(self, connector_output) -> None:
-        """Asynchronous loads the worker finished may be evicted again. Entries whose restore
-        failed are dropped: vLLM recomputes those blocks instead of asking for them again
-        (an asynchronous retry would otherwise hit the same entries, and fail, forever)."""
+        """Asynchronous loads the worker finished may be evicted again. After a failed restore,
+        vLLM recomputes the blocks; the entries are dropped so that it does not ask for them
+        again (an asynchronous retry would hit them, and fail, forever), and so are the blocks
+        the request stored after them: a synchronous restore's step computed those from the
+        unrestored K/V. They are stored again once vLLM has recomputed them."""
         for req_id in connector_output.finished_recving or ():
             self.index.unpin(self._in_flight.pop(req_id, []))
-        failed = [self._restored.pop(b) for b in connector_output.invalid_block_ids if b in self._restored]
-        if failed:
-            dropped = self.index.discard(failed)
-            logger.warning("partial_kv: dropped %d host blocks whose restore failed", dropped)
+        invalid = connector_output.invalid_block_ids
+        if not invalid:
+            return
+        failed = [self._restored.pop(b) for b in invalid if b in self._restored]
+        for state in self.reqs.values():
+            first = next((i for i, b in enumerate(state.block_ids) if b in invalid), None)
+            if first is not None and first < state.stored_blocks:
+                failed += compat.request_block_hashes(state.request)[first : state.stored_blocks]
+                state.stored_blocks = first
+        dropped = self.index.discard(failed)
+        logger.warning("partial_kv: dropped %d host blocks of failed restores", dropped)
 
     def _plan_stores(self, req_id: str, state: _Request, scheduler_output, meta) -> None:
         req = state.request
