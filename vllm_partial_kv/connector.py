@@ -215,8 +215,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             state = self.reqs.get(req_id)
             if state is not None and state.load is not None:
                 meta.loads.append(self._load_spec(req_id, state))
-                if self.cfg.async_load:
-                    meta.new_block_ids += state.block_ids  # written by the restore, not by vLLM
+                if self.cfg.async_load:  # the restore writes them; vLLM the rest once scheduled
+                    meta.new_block_ids += meta.loads[-1].block_ids
         self._to_load = []
         for req_id, state in scheduled:
             self._plan_stores(req_id, state, scheduler_output, meta)
