@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_partial_kv.planner import ModelShape, Profile, RestoreRequest, plan_split, restore_time
+from vllm_partial_kv.planner import (
+    ModelShape,
+    Profile,
+    RestoreRequest,
+    forward_seconds,
+    plan_split,
+    restore_time,
+)
 
 MHA_7B = ModelShape(num_layers=32, hidden_size=4096, num_kv_heads=32, head_size=128, dtype_bytes=2, block_size=16)
 GQA_8B = ModelShape(num_layers=32, hidden_size=4096, num_kv_heads=8, head_size=128, dtype_bytes=2, block_size=16)
@@ -36,30 +43,33 @@ def slow_gpu(shape: ModelShape, busy: float = 1.0) -> Profile:
     return gpu_profile(shape, 25e9, lambda t: 30e12, busy=busy)
 
 
-def cost(shape: ModelShape, profile: Profile, requests, recompute_blocks: int) -> float:
+def cost(shape: ModelShape, profile: Profile, requests, recompute_blocks: int, forward_s: float = 0.0) -> float:
     total = sum(q.num_blocks for q in requests)
     bs = shape.block_size
-    return restore_time(shape, profile, recompute_blocks * bs, (total - recompute_blocks) * bs)
+    return restore_time(shape, profile, recompute_blocks * bs, (total - recompute_blocks) * bs, forward_s)
 
 
-def brute_force(shape, profile, requests, max_recompute_tokens=None) -> float:
+def brute_force(shape, profile, requests, max_recompute_tokens=None, forward_s: float = 0.0) -> float:
     limit = sum(q.max_recompute_blocks for q in requests)
     if max_recompute_tokens is not None:
         limit = min(limit, max_recompute_tokens // shape.block_size)
-    return min(cost(shape, profile, requests, r) for r in range(limit + 1))
+    return min(cost(shape, profile, requests, r, forward_s) for r in range(limit + 1))
 
 
-def naive_restore_time(shape: ModelShape, profile: Profile, rc_tokens: int, stream_tokens: int) -> float:
+def naive_restore_time(
+    shape: ModelShape, profile: Profile, rc_tokens: int, stream_tokens: int, forward_s: float = 0.0
+) -> float:
     """The recurrence without the periodic shortcut, layer by layer."""
     t_x = profile.copy_seconds(rc_tokens * shape.act_bytes_per_token)
     t_kv = profile.copy_seconds(stream_tokens * shape.kv_bytes_per_token)
     t_c = profile.busy_factor * profile.recompute_seconds(rc_tokens)
-    copy_end, rc = 0.0, [0.0, 0.0]
+    copy_end, rc, fw = 0.0, [0.0, 0.0], 0.0
     for _ in range(shape.num_layers):
         x_end = max(copy_end, rc[-2]) + t_x
         copy_end = x_end + t_kv
-        rc.append(max(rc[-1], x_end) + t_c)
-    return max(copy_end, rc[-1])
+        rc.append(max(fw, x_end) + t_c)
+        fw = max(rc[-1], copy_end) + forward_s
+    return fw
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -89,6 +99,26 @@ def test_restore_time_by_hand():
     assert restore_time(shape, profile, 0, 0) == 0.0
 
 
+def test_restore_time_with_the_steps_own_forward_by_hand():
+    """As above with f = 5 per layer after each layer's restore, sharing the compute units:
+    c0 12, f0 17 | x1 6, c1 waits for f0: 27, f1 32 | x2 14, c2 42, f2 47."""
+    shape = ModelShape(3, 1, 1, 1, 1, 1)
+    profile = Profile(1.0, ((2, 10.0),))
+    assert restore_time(shape, profile, 2, 1, forward_s=5.0) == pytest.approx(47.0)
+    # Streamed only: the copies (6 per layer) set the pace, the forward trails by one layer.
+    assert restore_time(shape, profile, 0, 3, forward_s=5.0) == pytest.approx(23.0)
+    assert restore_time(shape, profile, 0, 0, forward_s=5.0) == pytest.approx(15.0)
+
+
+def test_forward_seconds_scale_the_measured_projection_rate():
+    profile = Profile(1.0, ((100, 1.0),))
+    assert forward_seconds(dataclasses.replace(MHA_7B, forward_ratio=6.0), profile, 50) == pytest.approx(3.0)
+    assert forward_seconds(MHA_7B, profile, 50) == 0.0  # ratio unknown
+    assert forward_seconds(dataclasses.replace(MHA_7B, forward_ratio=6.0), profile, 0) == 0.0
+    with pytest.raises(ValueError, match="forward_ratio"):
+        dataclasses.replace(MHA_7B, forward_ratio=-1.0)
+
+
 def test_streaming_only_is_layers_times_copy():
     p = h100(MHA_7B)
     expected = MHA_7B.num_layers * (p.copy_latency_s + 16384 * MHA_7B.kv_bytes_per_token / p.h2d_bytes_per_s)
@@ -105,12 +135,13 @@ def test_streaming_only_is_layers_times_copy():
     busy=st.floats(1.0, 4.0),
     rc=st.integers(0, 50_000),
     stream=st.integers(0, 50_000),
+    forward_s=st.sampled_from([0.0, 1e-6, 1e-4, 1e-2]),
 )
-def test_restore_time_matches_layer_by_layer(layers, kv_heads, bw, latency, ns_per_token, busy, rc, stream):
+def test_restore_time_matches_layer_by_layer(layers, kv_heads, bw, latency, ns_per_token, busy, rc, stream, forward_s):
     shape = ModelShape(layers, 4096, kv_heads, 128, 2, 16)
     profile = Profile(bw, ((1024, 1024 * ns_per_token * 1e-9),), latency, busy)
-    expected = naive_restore_time(shape, profile, rc, stream)
-    assert restore_time(shape, profile, rc, stream) == pytest.approx(expected, rel=1e-9)
+    expected = naive_restore_time(shape, profile, rc, stream, forward_s)
+    assert restore_time(shape, profile, rc, stream, forward_s) == pytest.approx(expected, rel=1e-9)
 
 
 # -------------------------------------------------------------------------------- auto split
@@ -149,6 +180,19 @@ def test_split_is_the_exact_optimum_on_smooth_profiles(profile_of, layers, block
     reqs = [RestoreRequest(blocks, blocks)]
     (r,) = plan_split(shape, profile_of(shape), reqs)
     assert cost(shape, profile_of(shape), reqs, r) == pytest.approx(brute_force(shape, profile_of(shape), reqs))
+
+
+def test_a_heavy_forward_in_the_same_step_recomputes_less():
+    """The step's own forward waits per layer and competes with the recompute for the GPU."""
+    reqs = [RestoreRequest(1024, 1024)]
+    shape = dataclasses.replace(MHA_7B, forward_ratio=6.0)
+    profile = h100(shape)
+    alone = plan_split(shape, profile, reqs)[0]
+    assert plan_split(shape, profile, reqs, forward_s=forward_seconds(shape, profile, 16)) == [alone]
+    prefill = forward_seconds(shape, profile, 8192)  # an 8k-token prefill shares the step
+    (r,) = plan_split(shape, profile, reqs, forward_s=prefill)
+    assert r < 0.9 * alone
+    assert cost(shape, profile, reqs, r, prefill) == pytest.approx(brute_force(shape, profile, reqs, forward_s=prefill))
 
 
 def test_busy_gpu_recomputes_less():
@@ -237,21 +281,22 @@ def scenarios(draw):
     sizes = draw(st.lists(st.integers(0, 200), max_size=6))
     requests = [RestoreRequest(n, draw(st.integers(0, n))) for n in sizes]
     budget = draw(st.none() | st.integers(0, 4000))
-    return shape, profile, requests, budget
+    forward_s = draw(st.sampled_from([0.0, 0.0, 1e-5, 1e-3]))
+    return shape, profile, requests, budget, forward_s
 
 
 @settings(max_examples=150, deadline=None)
 @given(scenarios())
 def test_auto_split_near_brute_force_and_never_slower_than_streaming(scenario):
-    shape, profile, requests, budget = scenario
-    split = plan_split(shape, profile, requests, max_recompute_tokens=budget)
+    shape, profile, requests, budget, forward_s = scenario
+    split = plan_split(shape, profile, requests, max_recompute_tokens=budget, forward_s=forward_s)
     assert len(split) == len(requests)
     assert all(0 <= r <= q.max_recompute_blocks for r, q in zip(split, requests))
     if budget is not None:
         assert sum(split) * shape.block_size <= budget
-    chosen = cost(shape, profile, requests, sum(split))
-    assert chosen <= cost(shape, profile, requests, 0)
-    assert chosen <= 1.05 * brute_force(shape, profile, requests, budget)
+    chosen = cost(shape, profile, requests, sum(split), forward_s)
+    assert chosen <= cost(shape, profile, requests, 0, forward_s)
+    assert chosen <= 1.05 * brute_force(shape, profile, requests, budget, forward_s)
 
 
 # ------------------------------------------------------------------------------- fixed ratio

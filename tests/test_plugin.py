@@ -100,6 +100,10 @@ def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
     mha = _config(tiny_model("llama2"), 0.5)
     shape = model_shape(mha)
     assert shape.act_bytes_per_token * 2 == shape.kv_bytes_per_token  # MHA: act is half of K+V
+    hf = mha.model_config.hf_config  # QKV + output + gated MLP, over the K/V projection
+    assert shape.forward_ratio == (4 * hf.hidden_size**2 + 3 * hf.hidden_size * hf.intermediate_size) / (
+        2 * hf.hidden_size**2
+    )
     staging = 2 * 16384 * shape.act_bytes_per_token
     assert kv_budget_with_activations(mha, 3 * gib) == int((3 * gib - staging) * 2 / 3)
     # Nothing to make room for: GQA in auto mode keeps no activations; an explicit size stays.
@@ -119,3 +123,50 @@ def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
     compat.wrap_kv_budget(kv_budget_with_activations)
     worker = type("W", (), {"vllm_config": mha})()
     assert worker_cls.determine_available_memory(worker) == int((3 * gib - staging) * 2 / 3)
+
+
+def test_forward_ratio_of_real_shapes():
+    """The planner's forward model in units of the K/V projection, from the model config."""
+    from types import SimpleNamespace
+
+    from vllm_partial_kv.connector import forward_ratio
+
+    llama7b = SimpleNamespace(intermediate_size=11008)
+    assert forward_ratio(llama7b, 4096, 4096, 4096) == pytest.approx(6.03, abs=0.01)
+    llama3_8b = SimpleNamespace(intermediate_size=14336)  # GQA: a small K/V projection
+    assert forward_ratio(llama3_8b, 4096, 4096, 1024) == pytest.approx(26.0)
+    opt = SimpleNamespace(ffn_dim=4 * 768)  # two MLP matrices
+    assert forward_ratio(opt, 768, 768, 768) == pytest.approx(6.0)
+    assert forward_ratio(llama7b, 4096, 4096 // 2, 4096 // 2, tp=2) == pytest.approx(6.03, abs=0.01)
+
+
+def test_split_per_restore_mode():
+    """Which profile and forward model the worker hands the planner: an asynchronous restore
+    shares the GPU with other requests (busy profile); one waited for per layer shares it with
+    the step's own forward (idle profile plus the forward); a whole-step wait, with neither."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from vllm_partial_kv.config import PartialKVConfig
+    from vllm_partial_kv.connector import PartialKVMetadata, PartialRecomputeConnector
+    from vllm_partial_kv.planner import ModelShape, Profile
+    from vllm_partial_kv.restore import LoadSpec
+
+    shape = ModelShape(32, 4096, 32, 128, 2, 16, forward_ratio=6.0)
+    idle = Profile(25e9, ((1024, 1024 * 4 * 4096 * 4096 / 30e12),))
+    worker = SimpleNamespace(
+        with_act=True, shape=shape, cfg=PartialKVConfig(), runtime=SimpleNamespace(max_recompute_tokens=1 << 20),
+        profiles={False: idle, True: dataclasses.replace(idle, busy_factor=3.0)},
+    )
+
+    def split(wait: str, busy: bool, forward_tokens: int) -> int:
+        meta = PartialKVMetadata(loads=[LoadSpec(list(range(1024)), list(range(1024)), 0, 1024)])
+        meta.busy, meta.forward_tokens = busy, forward_tokens
+        PartialRecomputeConnector._choose_split(worker, meta, wait)
+        return meta.loads[0].recompute_blocks
+
+    alone = split("whole", False, 8192)
+    assert 0 < alone == split("whole", True, 8192) == split("none", False, 8192)
+    assert split("none", True, 8192) < alone  # other requests slow the recompute down
+    assert split("layers", False, 16) >= 0.95 * alone  # a decode-sized forward barely matters
+    assert split("layers", True, 8192) < 0.8 * alone  # an 8k-token forward competes per layer

@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 from vllm_partial_kv import capture, compat, planner
 from vllm_partial_kv.config import PartialKVConfig, parse_config
 from vllm_partial_kv.metrics import PartialKVStats
-from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
+from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
 from vllm_partial_kv.store import BlockIndex, HostPool, ensure_room, slots_for_budget
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -42,15 +42,31 @@ def uses_this_connector(vllm_config) -> bool:
 
 
 def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShape:
-    mc = vllm_config.model_config
+    mc, parallel = vllm_config.model_config, vllm_config.parallel_config
+    hidden, head = mc.get_hidden_size(), mc.get_head_size()
+    kv_heads = mc.get_num_kv_heads(parallel)
     return planner.ModelShape(
-        num_layers=mc.get_num_layers(vllm_config.parallel_config),
-        hidden_size=mc.get_hidden_size(),
-        num_kv_heads=mc.get_num_kv_heads(vllm_config.parallel_config),
-        head_size=mc.get_head_size(),
+        num_layers=mc.get_num_layers(parallel),
+        hidden_size=hidden,
+        num_kv_heads=kv_heads,
+        head_size=head,
         dtype_bytes=torch.tensor([], dtype=mc.dtype).element_size(),
         block_size=block_size or vllm_config.cache_config.block_size,
+        forward_ratio=forward_ratio(
+            mc.hf_text_config, hidden, mc.get_num_attention_heads(parallel) * head, kv_heads * head,
+            parallel.tensor_parallel_size,
+        ),
     )
+
+
+def forward_ratio(hf_config, hidden: int, q_dim: int, kv_dim: int, tp: int = 1) -> float:
+    """A layer's projection GEMMs per token (QKV, output, MLP: gated unless the config names an
+    OPT-style `ffn_dim`) in units of its K/V projection's, for the planner's forward model."""
+    if getattr(hf_config, "ffn_dim", None):
+        mlp = 2 * hidden * hf_config.ffn_dim
+    else:
+        mlp = 3 * hidden * (getattr(hf_config, "intermediate_size", None) or 4 * hidden)
+    return (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + mlp / tp) / (2 * hidden * kv_dim)
 
 
 _warned_no_capture: set[str] = set()
@@ -123,6 +139,7 @@ def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: boo
 class PartialKVMetadata(compat.KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     busy: bool = False  # the step also computes for requests that are not restoring
+    forward_tokens: int = 0  # tokens the step's forward computes (all requests)
     store_block_ids: list[int] = field(default_factory=list)
     store_slots: list[int] = field(default_factory=list)
     store_act: list[bool] = field(default_factory=list)  # per stored block: keep its activations
@@ -222,6 +239,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self._plan_stores(req_id, state, scheduler_output, meta)
         loading = {spec.req_id for spec in meta.loads}
         meta.busy = any(r not in loading for r in scheduler_output.num_scheduled_tokens)
+        meta.forward_tokens = scheduler_output.total_num_scheduled_tokens
         # Synchronous loads are issued before this step's stores: their slots may be reused
         # now. Asynchronous ones stay pinned until the worker reports them finished.
         for req_id, state in self.reqs.items():
@@ -371,12 +389,11 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
-        if self.cfg.async_load:
-            wait = "none"
-        else:
+        wait: Wait = "none"
+        if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
         try:
-            self._choose_split(meta.loads, meta.busy)
+            self._choose_split(meta, wait)
             done = self.runtime.load(meta.loads, wait)
         except Exception:
             # A restore that fails must cost its requests, not the engine: vLLM recomputes the
@@ -403,15 +420,22 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
-    def _choose_split(self, loads: list[LoadSpec], busy: bool) -> None:
-        """Per batch: how many leading blocks of each restore to recompute from activations."""
+    def _choose_split(self, meta: PartialKVMetadata, wait: Wait) -> None:
+        """Per batch: how many leading blocks of each restore to recompute from activations.
+        An asynchronous restore shares the GPU with other requests' steps (busy profile); one
+        waited for per layer shares it with this step's own forward, which the planner models."""
+        loads = meta.loads
         requests = [planner.RestoreRequest(len(s.block_ids), s.recompute_blocks) for s in loads]
         if not self.with_act:
             split = [0] * len(loads)
         else:
+            profile = self.profiles.get(meta.busy and wait == "none")
+            forward_s = 0.0
+            if wait == "layers" and profile is not None:
+                forward_s = planner.forward_seconds(self.shape, profile, meta.forward_tokens)
             split = planner.plan_split(
-                self.shape, self.profiles.get(busy), requests, ratio=self.cfg.recompute_ratio,
-                max_recompute_tokens=self.runtime.max_recompute_tokens,
+                self.shape, profile, requests, ratio=self.cfg.recompute_ratio,
+                max_recompute_tokens=self.runtime.max_recompute_tokens, forward_s=forward_s,
             )
         for spec, r in zip(loads, split):
             spec.recompute_blocks = r

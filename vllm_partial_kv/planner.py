@@ -6,9 +6,15 @@ a millisecond. The model mirrors `restore.RestoreRuntime._load_pipelined`, per l
     copy stream:    wait until recompute(l-2) freed staging slot l%2, copy X of the R recomputed
                     tokens (t_x), then K/V of the S streamed tokens (t_kv)
     compute stream: wait for X(l), recompute K/V of R tokens (t_c)
+    forward:        (a restore inside the step, waited for per layer) wait for layer l's
+                    recompute and K/V, run the step's own layer l (f)
 
-with t_x = lat + R*act_bytes/bw, t_kv = lat + S*kv_bytes/bw (each 0 when nothing is copied) and
-t_c = busy_factor * recompute_curve(R). The restore ends when both streams finish layer L-1.
+with t_x = lat + R*act_bytes/bw, t_kv = lat + S*kv_bytes/bw (each 0 when nothing is copied),
+t_c = busy_factor * recompute_curve(R), and f the forward's time per layer. The recompute and
+the forward share the compute units, so they are modelled as one queue: recompute(l) after
+forward(l-1). The step ends when the forward finishes layer L-1 (with f = 0: when the restore
+does). An asynchronous restore runs beside other requests' steps instead: f = 0 and the busy
+profile's factor stands for them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["ModelShape", "Profile", "RestoreRequest", "restore_time", "plan_split"]
+__all__ = ["ModelShape", "Profile", "RestoreRequest", "forward_seconds", "restore_time", "plan_split"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +34,15 @@ class ModelShape:
     head_size: int
     dtype_bytes: int
     block_size: int
+    forward_ratio: float = 0.0
+    """A layer's forward GEMM work per token in units of its K/V projection's (0: unknown)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_kv_heads", "head_size", "dtype_bytes", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
+        if not (self.forward_ratio >= 0 and math.isfinite(self.forward_ratio)):
+            raise ValueError(f"ModelShape.forward_ratio must be finite and >= 0, got {self.forward_ratio}")
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -133,28 +143,40 @@ class RestoreRequest:
             raise ValueError(f"need 0 <= max_recompute_blocks <= num_blocks, got {self}")
 
 
-def restore_time(shape: ModelShape, profile: Profile, recompute_tokens: int, stream_tokens: int) -> float:
-    """Modelled seconds of one restore step: the exact two-stream recurrence over layers.
+def forward_seconds(shape: ModelShape, profile: Profile, tokens: int) -> float:
+    """One layer of the step's own forward over `tokens` rows, from the measured projection
+    rate (GEMMs only: attention over short contexts is left out)."""
+    if tokens <= 0 or shape.forward_ratio == 0:
+        return 0.0
+    return shape.forward_ratio * profile.recompute_seconds(tokens)
 
-    The recurrence is max-plus linear, so once all three state times advance by the same step
-    the pipeline is periodic and the remaining layers are added in one go (O(1) after a short
+
+def restore_time(
+    shape: ModelShape, profile: Profile, recompute_tokens: int, stream_tokens: int, forward_s: float = 0.0
+) -> float:
+    """Modelled seconds of one restore step: the exact recurrence over layers (module docstring).
+
+    The recurrence is max-plus linear, so once all state times advance by the same step the
+    pipeline is periodic and the remaining layers are added in one go (O(1) after a short
     transient instead of O(L): the planner evaluates this a few dozen times per step).
     """
     t_x = profile.copy_seconds(recompute_tokens * shape.act_bytes_per_token)
     t_kv = profile.copy_seconds(stream_tokens * shape.kv_bytes_per_token)
     t_c = profile.busy_factor * profile.recompute_seconds(recompute_tokens)
-    if math.isinf(t_x + t_kv + t_c):
+    if math.isinf(t_x + t_kv + t_c + forward_s):
         return math.inf
-    copy_end = rc_prev = rc_prev2 = 0.0  # rc_*: recompute end of layers l-1 and l-2
+    copy_end = rc_prev = rc_prev2 = fw_prev = 0.0  # rc_*: recompute end of layers l-1 and l-2
     for done in range(1, shape.num_layers + 1):
         x_end = max(copy_end, rc_prev2) + t_x
-        new_copy, new_rc = x_end + t_kv, max(rc_prev, x_end) + t_c
+        new_copy = x_end + t_kv
+        new_rc = max(fw_prev, x_end) + t_c
+        new_fw = max(new_rc, new_copy) + forward_s
         step = new_copy - copy_end
         tol = 1e-12 * step
-        if abs(new_rc - rc_prev - step) <= tol and abs(rc_prev - rc_prev2 - step) <= tol:
-            return max(new_copy, new_rc) + step * (shape.num_layers - done)
-        copy_end, rc_prev2, rc_prev = new_copy, rc_prev, new_rc
-    return max(copy_end, rc_prev)
+        if all(abs(d - step) <= tol for d in (new_rc - rc_prev, rc_prev - rc_prev2, new_fw - fw_prev)):
+            return new_fw + step * (shape.num_layers - done)
+        copy_end, rc_prev2, rc_prev, fw_prev = new_copy, rc_prev, new_rc, new_fw
+    return fw_prev
 
 
 def plan_split(
@@ -164,11 +186,13 @@ def plan_split(
     *,
     ratio: float | None = None,
     max_recompute_tokens: int | None = None,
+    forward_s: float = 0.0,
 ) -> list[int]:
     """Recompute blocks per request (a leading run of each request's restored blocks).
 
     ratio set: round(ratio * num_blocks) per request, clipped to what has X stored and to the
-    budget; the profile is not needed. ratio None: the total that minimises `restore_time`.
+    budget; the profile is not needed. ratio None: the total that minimises `restore_time`
+    (with the step's own forward, `forward_s` per layer, when it waits for the restore per layer).
     max_recompute_tokens (staging capacity) caps the total recompute tokens in both modes.
     """
     budget = math.inf if max_recompute_tokens is None else max_recompute_tokens // shape.block_size
@@ -188,7 +212,7 @@ def plan_split(
     if profile.h2d_bytes_per_s <= 0:  # nothing can stream: recompute all that is recomputable
         total = max_total if math.isfinite(profile.recompute_seconds(shape.block_size)) else 0
         return _fill(caps, total)
-    total = _best_total(shape, profile, sum(q.num_blocks for q in requests), max_total)
+    total = _best_total(shape, profile, sum(q.num_blocks for q in requests), max_total, forward_s)
     return _fill(caps, total)
 
 
@@ -202,7 +226,7 @@ def _fill(wanted: list[int], budget: float) -> list[int]:
     return out
 
 
-def _best_total(shape: ModelShape, profile: Profile, num_blocks: int, max_total: int) -> int:
+def _best_total(shape: ModelShape, profile: Profile, num_blocks: int, max_total: int, forward_s: float) -> int:
     """Recompute block count in [0, max_total] with the least modelled time; ties go to fewer.
 
     Candidates: both ends, the balance point where per-layer copy and recompute times meet (the
@@ -215,7 +239,7 @@ def _best_total(shape: ModelShape, profile: Profile, num_blocks: int, max_total:
 
     def cost(r: int) -> float:
         if r not in memo:
-            memo[r] = restore_time(shape, profile, r * bs, (num_blocks - r) * bs)
+            memo[r] = restore_time(shape, profile, r * bs, (num_blocks - r) * bs, forward_s)
         return memo[r]
 
     balance = _balance_tokens(shape, profile, num_blocks * bs, max_total * bs) / bs
