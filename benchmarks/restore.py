@@ -111,7 +111,7 @@ def child(args) -> dict:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     worker = get_kv_transfer_group()
-    profiles = worker._load_profiles(worker.runtime.device, llm.llm_engine.model_config.dtype)
+    profiles = worker._load_profiles()
     out["sweep"] = []
     for ratio in RATIOS:
         auto = ratio == "auto"

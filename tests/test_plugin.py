@@ -155,7 +155,8 @@ def test_split_per_restore_mode():
     shape = ModelShape(32, 4096, 32, 128, 2, 16, forward_ratio=6.0)
     idle = Profile(25e9, ((1024, 1024 * 4 * 4096 * 4096 / 30e12),))
     worker = SimpleNamespace(
-        with_act=True, shape=shape, cfg=PartialKVConfig(), runtime=SimpleNamespace(max_recompute_tokens=1 << 20),
+        with_act=True, shape=shape, cfg=PartialKVConfig(), _profiled_kernel="auto",
+        runtime=SimpleNamespace(max_recompute_tokens=1 << 20, kernel="auto"),
         profiles={False: idle, True: dataclasses.replace(idle, busy_factor=3.0)},
     )
 
@@ -170,3 +171,11 @@ def test_split_per_restore_mode():
     assert split("none", True, 8192) < alone  # other requests slow the recompute down
     assert split("layers", False, 16) >= 0.95 * alone  # a decode-sized forward barely matters
     assert split("layers", True, 8192) < 0.8 * alone  # an 8k-token forward competes per layer
+
+    # After a Triton kernel failure the runtime recomputes through the slower torch path: the
+    # planner must use a profile of that path (measured once), not the kernel's.
+    slow = Profile(25e9, ((1024, 50 * idle.recompute_seconds(1024)),))
+    measured = []
+    worker._load_profiles = lambda: measured.append(worker.runtime.kernel) or {False: slow, True: slow}
+    worker.runtime.kernel = "torch"
+    assert split("whole", False, 0) < alone and measured == ["torch"]

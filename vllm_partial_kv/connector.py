@@ -181,6 +181,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             )
         else:
             self.profiles: dict[bool, planner.Profile] = {}  # keyed by "GPU busy with decodes"
+            self._profiled_kernel = self.cfg.kernel  # the backend the profiles were measured for
             self._failed_blocks: set[int] = set()  # restores that failed, for vLLM to recover
             self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
             self._stats = PartialKVStats()
@@ -360,21 +361,24 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self.cfg.max_recompute_tokens, self.cfg.kernel,
         )
         if self.with_act and self.cfg.recompute_ratio is None:
-            self.profiles = self._load_profiles(device, dtype)
+            self.profiles = self._load_profiles()
 
-    def _load_profiles(self, device: torch.device, dtype: torch.dtype) -> dict[bool, planner.Profile]:
-        """Idle and busy profiles: a restore that shares the GPU with other requests' forward
-        recomputes slower, so it should recompute less."""
+    def _load_profiles(self) -> dict[bool, planner.Profile]:
+        """Idle and busy profiles of the runtime's recompute backend: a restore that shares the
+        GPU with other requests' forward recomputes slower, so it should recompute less."""
         from vllm_partial_kv import profiler
         from vllm_partial_kv.kernels import recompute_kv
 
+        kernel = self._profiled_kernel = self.runtime.kernel
+
         def fn(*args, **kwargs):
-            return recompute_kv(*args, backend=self.cfg.kernel, **kwargs)
+            return recompute_kv(*args, backend=kernel, **kwargs)
 
         return {
             busy: profiler.load_or_measure(
-                self.shape, device=device, recompute_fn=fn, dtype=dtype,
-                cache_dir=self.cfg.profile_cache_dir, with_load=busy, kernel=self.cfg.kernel,
+                self.shape, device=self.runtime.device, recompute_fn=fn,
+                dtype=self._vllm_config.model_config.dtype, cache_dir=self.cfg.profile_cache_dir,
+                with_load=busy, kernel=kernel,
             )
             for busy in (False, True)
         }
@@ -429,6 +433,12 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         if not self.with_act:
             split = [0] * len(loads)
         else:
+            if self.profiles and self.runtime.kernel != self._profiled_kernel:
+                logger.warning(
+                    "partial_kv: recompute now runs on the %s path; profiling it (once) so that "
+                    "the planner does not recompute more than pays", self.runtime.kernel,
+                )
+                self.profiles = self._load_profiles()
             profile = self.profiles.get(meta.busy and wait == "none")
             forward_s = 0.0
             if wait == "layers" and profile is not None:
