@@ -129,6 +129,34 @@ def test_restored_kv_equals_original(arch, async_load, tiny_model, make_llm):
     assert diff > 1e-2
 
 
+def _watch_fences(llm) -> dict:
+    """Checks every step's fence list against what the step writes: each newly allocated block
+    that vLLM's forward or a restore writes must be fenced; prefix-cache hits need not be."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
+
+    core = llm.llm_engine.engine_core.engine_core.scheduler
+    connector, seen = core.connector, {"unfenced": set(), "skipped": 0}
+    build = connector.build_connector_meta
+
+    def checked(scheduler_output):
+        meta = build(scheduler_output)
+        fence, bs = set(meta.new_block_ids), connector.block_size
+        written = {b for spec in meta.loads for b in spec.block_ids}
+        for req_id, new_ids, _ in yield_req_data(scheduler_output):
+            if new_ids is None:
+                continue
+            req, new = core.requests[req_id], set(new_ids[0])
+            first = req.num_computed_tokens // bs  # still before this step
+            last = -(-(req.num_computed_tokens + scheduler_output.num_scheduled_tokens[req_id]) // bs)
+            written |= set(core.kv_cache_manager.get_block_ids(req_id)[0][first:last]) & new
+            seen["skipped"] += len(new - fence)
+        seen["unfenced"] |= written - fence
+        return meta
+
+    connector.build_connector_meta = checked
+    return seen
+
+
 def _conversations(llm, n_conv: int, turns: int, sp) -> list[list[int]]:
     """Interleaved multi-turn conversations: each turn re-sends the whole history."""
     histories = [_prompt(100 + c, 700)["prompt_token_ids"] for c in range(n_conv)]
@@ -151,7 +179,9 @@ def test_multi_turn_same_tokens_under_eviction(arch, tiny_model, make_llm):
     baseline = _conversations(make_llm(model, **small), 4, 3, sp)
     for ratio in (0.0, 0.5, 1.0, "auto"):
         llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(ratio))
+        fences = _watch_fences(llm)
         assert _conversations(llm, 4, 3, sp) == baseline, f"ratio {ratio}"
+        assert not fences["unfenced"] and fences["skipped"] > 0, fences
         totals = _worker().totals.data
         del llm
         assert totals["tokens_loaded"] > 0
@@ -174,6 +204,7 @@ def test_preemption_storm_same_tokens(tiny_model, make_llm):
     expected = [o.outputs[0].token_ids for o in base.generate(prompts, sp, use_tqdm=False)]
     del base
     llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(0.5))
+    fences = _watch_fences(llm)
     # Stores run beside later steps on a GPU: vLLM must fence every reallocated block first.
     runtime, stored, fenced = _worker().runtime, set(), set()
     store, fence = runtime.store, runtime.fence_blocks
@@ -185,6 +216,7 @@ def test_preemption_storm_same_tokens(tiny_model, make_llm):
     assert got == expected
     assert totals["tokens_loaded"] > 0 and totals["tokens_recomputed"] > 0, totals
     assert fenced, "no stored block was seen again before reuse: is handle_preemptions called?"
+    assert not fences["unfenced"], fences
 
 
 def test_full_store_keeps_serving(tiny_model, make_llm):

@@ -224,8 +224,11 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 continue
             if new_ids is not None:
                 ids = list(new_ids[0])
-                meta.new_block_ids += ids
                 replace = resumed or state.replace_ids
+                # A new or resumed request's whole block list: its leading local prefix-cache
+                # hits are only read, so the fence skips them (a restore's blocks are fenced).
+                hits = state.load[0] if state.load else state.request.num_computed_tokens // self.block_size
+                meta.new_block_ids += ids[hits:] if replace else ids
                 state.block_ids = ids if replace else state.block_ids + ids
                 state.replace_ids = False
             scheduled.append((req_id, state))
