@@ -57,13 +57,17 @@ def test_clear_keeps_pinned():
     assert {index.allocate(h(i), True) for i in range(5, 8)} | {index.lookup([h(1)])[0][0]} == {0, 1, 2, 3}
 
 
-def test_discard_frees_slots_but_keeps_pinned_entries():
+def test_discard_frees_slots_and_drops_pinned_entries_once_unpinned():
     index = BlockIndex(3)
     slots = [index.allocate(h(i), has_activations=True) for i in range(3)]
     index.pin([h(1)])  # another load still reads it
-    assert index.discard([h(0), h(1), h(9)]) == 1
-    assert h(0) not in index and h(1) in index and index.evictions == 0
+    assert index.discard([h(0), h(1), h(9)]) == 2
+    assert h(0) not in index and index.evictions == 0
     assert index.allocate(h(5), has_activations=True) == slots[0]  # no eviction needed
+    assert h(1) in index and index.count_prefix_hits([h(1)]) == 0  # kept for its reader only
+    index.unpin([h(1)])
+    assert h(1) not in index
+    assert index.allocate(h(6), has_activations=True) == slots[1]
 
 
 def test_budget_too_small_is_a_clear_error():

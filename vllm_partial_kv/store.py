@@ -27,6 +27,7 @@ class _Entry:
     slot: int
     has_activations: bool
     pins: int = 0
+    doomed: bool = False  # discarded while pinned: never offered again, dropped when unpinned
 
 
 class BlockIndex:
@@ -50,7 +51,8 @@ class BlockIndex:
         """How many leading hashes are stored (a restore must be a contiguous prefix)."""
         n = 0
         for h in hashes:
-            if h not in self._entries:
+            entry = self._entries.get(h)
+            if entry is None or entry.doomed:
                 break
             n += 1
         return n
@@ -73,6 +75,8 @@ class BlockIndex:
             entry = self._entries.get(h)
             if entry is not None and entry.pins > 0:
                 entry.pins -= 1
+                if entry.pins == 0 and entry.doomed:
+                    self._free.append(self._entries.pop(h).slot)
 
     def touch(self, block_hash: bytes) -> None:
         self._entries.move_to_end(block_hash)
@@ -98,14 +102,19 @@ class BlockIndex:
         return False
 
     def discard(self, hashes: Sequence[bytes]) -> int:
-        """Drop these entries unless a load still pins them; returns how many were dropped."""
-        dropped = 0
+        """Drop these entries (bad copies); one that a load still reads goes when it is unpinned
+        and is no longer offered meanwhile. Returns how many entries were found."""
+        found = 0
         for h in hashes:
             entry = self._entries.get(h)
-            if entry is not None and entry.pins == 0:
+            if entry is None:
+                continue
+            found += 1
+            if entry.pins:
+                entry.doomed = True
+            else:
                 self._free.append(self._entries.pop(h).slot)
-                dropped += 1
-        return dropped
+        return found
 
     def clear(self) -> None:
         """Drop every unpinned entry (vLLM's reset_prefix_cache)."""
