@@ -333,16 +333,16 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model,
     prompt, other = _prompt(7, 6 * 32 + 5), _prompt(8, 40)
     expected = list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
 
-    class InFlight:  # a restore the device finishes only after a few polls
-        def __init__(self) -> None:
-            self.polls = 4
+    class InFlight:  # the restore's event, reported done only after a few more polls
+        def __init__(self, event) -> None:
+            self.event, self.polls = event, 4
 
         def query(self) -> bool:
             self.polls -= 1
-            return self.polls < 0
+            return self.polls < 0 and (self.event is None or self.event.query())
 
     load = runtime.load
-    runtime.load = lambda loads, wait: (load(loads, wait), InFlight())[1]
+    runtime.load = lambda loads, wait: InFlight(load(loads, wait))
 
     def request(prefix: str):
         return next((r for rid, r in core.requests.items() if rid.startswith(prefix)), None)
