@@ -112,12 +112,7 @@ def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
     assert kv_budget_with_activations(explicit, 3 * gib) == 3 * gib
 
     # The worker hook: whatever the worker measured passes through the adjustment, once.
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
-    else:
-        from vllm.v1.worker.gpu_worker import Worker as worker_cls
+    worker_cls = compat.worker_class()
     monkeypatch.setattr(worker_cls, "determine_available_memory", lambda self: 3 * gib)
     compat.wrap_kv_budget(kv_budget_with_activations)
     compat.wrap_kv_budget(kv_budget_with_activations)

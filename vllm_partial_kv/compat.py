@@ -95,15 +95,23 @@ def wrap_model_loader(after_load: Callable[[torch.nn.Module, Any], None]) -> Non
     BaseModelLoader.load_model = load_model  # type: ignore[method-assign]
 
 
-def wrap_kv_budget(adjust: Callable[[Any, int], int]) -> None:
-    """Pass the KV cache budget the worker measured through `adjust(vllm_config, bytes)` before
-    vLLM sizes the KV cache from it (GPU worker, and the CPU worker on the CPU build)."""
+def worker_class() -> type:
+    """vLLM's worker for this platform: the GPU worker, or the CPU worker on the CPU build."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
-    else:
-        from vllm.v1.worker.gpu_worker import Worker as worker_cls
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+def wrap_kv_budget(adjust: Callable[[Any, int], int]) -> None:
+    """Pass the KV cache budget the worker measured through `adjust(vllm_config, bytes)` before
+    vLLM sizes the KV cache from it."""
+    worker_cls = worker_class()
     original = worker_cls.determine_available_memory
     if getattr(original, "_partial_kv_wrapped", False):
         return

@@ -175,7 +175,8 @@ class RestoreRuntime:
             self._init_streams()
 
     def _init_streams(self) -> None:
-        """Streams and events, created once: nothing is allocated per restore."""
+        """Streams and the per-layer events, created once (a restore or store only adds its
+        own completion events)."""
         self.copy_stream = torch.cuda.Stream(self.device)
         self.compute_stream = torch.cuda.Stream(self.device)
         self.store_stream = torch.cuda.Stream(self.device)

@@ -76,7 +76,7 @@ class BlockIndex:
             if entry is not None and entry.pins > 0:
                 entry.pins -= 1
                 if entry.pins == 0 and entry.doomed:
-                    self._free.append(self._entries.pop(h).slot)
+                    self._drop(h)
 
     def touch(self, block_hash: bytes) -> None:
         self._entries.move_to_end(block_hash)
@@ -95,11 +95,13 @@ class BlockIndex:
     def _evict_one(self) -> bool:
         for h, entry in self._entries.items():
             if entry.pins == 0:
-                del self._entries[h]
-                self._free.append(entry.slot)
+                self._drop(h)
                 self.evictions += 1
                 return True
         return False
+
+    def _drop(self, block_hash: bytes) -> None:
+        self._free.append(self._entries.pop(block_hash).slot)
 
     def discard(self, hashes: Sequence[bytes]) -> int:
         """Drop these entries (bad copies); one that a load still reads goes when it is unpinned
@@ -113,13 +115,13 @@ class BlockIndex:
             if entry.pins:
                 entry.doomed = True
             else:
-                self._free.append(self._entries.pop(h).slot)
+                self._drop(h)
         return found
 
     def clear(self) -> None:
         """Drop every unpinned entry (vLLM's reset_prefix_cache)."""
         for h in [h for h, e in self._entries.items() if e.pins == 0]:
-            self._free.append(self._entries.pop(h).slot)
+            self._drop(h)
 
 
 def slots_for_budget(cpu_bytes: int, bytes_per_block: int) -> int:
