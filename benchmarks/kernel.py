@@ -109,18 +109,26 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         **{f"{k}_tflops": flops / v / 1e9 for k, v in times.items()},
         "fused_over_gemm": times["fused"] / times["gemm"],
         "fused_over_unfused": times["fused"] / times["unfused"],
-        "config": str(getattr(triton_recompute._tuned_kernel, "best_config", None)),
+        "config": tile(triton_recompute._tuned_kernel.best_config),
         "rel_err_vs_torch": rel_err,
     }
 
 
+def tile(config: triton.Config) -> str:
+    """The autotuner's pick: token rows, heads and K step of the tile, warps, stages, load kind."""
+    k = config.kwargs
+    return (f"T{k['BLOCK_T']} H{k['HEADS']} K{k['BLOCK_K']} w{config.num_warps} s{config.num_stages} "
+            f"{'tma' if k['TMA'] else 'cp.async'}")
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| shape | T | fused ms | TFLOP/s | unfused ms | TFLOP/s | GEMM ms | TFLOP/s | fused/GEMM "
-             "| fused/unfused |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| fused/unfused | tile |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['T']} | {r['fused_ms']:.3f} | {r['fused_tflops']:.0f} "
                      f"| {r['unfused_ms']:.3f} | {r['unfused_tflops']:.0f} | {r['gemm_ms']:.3f} "
-                     f"| {r['gemm_tflops']:.0f} | {r['fused_over_gemm']:.2f} | {r['fused_over_unfused']:.2f} |")
+                     f"| {r['gemm_tflops']:.0f} | {r['fused_over_gemm']:.2f} | {r['fused_over_unfused']:.2f} "
+                     f"| {r['config']} |")
     return "\n".join(lines)
 
 

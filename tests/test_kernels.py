@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from vllm_partial_kv.kernels import recompute_kv, recompute_kv_torch  # TRITON_INTERPRET: conftest
+from vllm_partial_kv.kernels import recompute_kv, recompute_kv_torch, triton_recompute  # TRITON_INTERPRET: conftest
 from vllm_partial_kv.kernels.reference import FP8_DTYPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,6 +149,54 @@ def test_matches_reference(name: str, backend: str) -> None:
     check(CASES[name], backend, seed=zlib.crc32(name.encode()))
 
 
+def force_config(monkeypatch: pytest.MonkeyPatch, **config) -> None:
+    """Launch one given config instead of autotuning (or the interpreter's fixed config)."""
+    fixed = triton_recompute._fixed_config
+    monkeypatch.setattr(triton_recompute, "_fixed_config", lambda *a: {**fixed(*a), **config})
+    monkeypatch.setattr(triton_recompute, "TUNE_MIN_T", 1 << 62)
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.heads % 2 == 0])
+def test_two_heads_per_program(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tile of two adjacent KV heads (tuning candidates for large T) on every case it divides."""
+    force_config(monkeypatch, HEADS=2)
+    check(CASES[name], "triton", seed=zlib.crc32(name.encode()) + 1)
+
+
+def tma_applies(case: Case) -> bool:
+    """What `_tma_ok` asks of these cases (their strides and bases are all 16-byte aligned)."""
+    return case.head_size & (case.head_size - 1) == 0 and not (case.rope == "neox" and case.rotary_dim)
+
+
+@pytest.mark.parametrize("name, heads", [(name, heads) for name, case in CASES.items() if tma_applies(case)
+                                         for heads in (1, 2) if case.heads % heads == 0])
+def test_tma_loads(name: str, heads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensor-descriptor loads: the zero fill past T and past hidden stands in for the load masks."""
+    force_config(monkeypatch, HEADS=heads, TMA=True)
+    check(CASES[name], "triton", seed=zlib.crc32(name.encode()) + heads + 1)
+
+
+def prune_args(**overrides) -> dict:
+    """What the autotuner hands `_prune` for a bf16, head-128 layer with 16-byte aligned operands."""
+    aligned = torch.empty(64, dtype=torch.bfloat16)
+    return {"x_ptr": aligned, "wk_ptr": aligned, "wv_ptr": aligned, "stride_x": 1024, "stride_wk": 1032,
+            "stride_wv": 1032, "HEAD": 128, "HEAD_PAD": 128, "ROT_DIM": 128, "NEOX": True, "num_kv_heads": 8,
+            "t_bucket": 1 << 16, **overrides}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"stride_x": 1028},  # row stride of 2056 bytes
+    {"wv_ptr": torch.empty(64, dtype=torch.bfloat16)[1:]},  # base 2 bytes off
+    {"HEAD": 80},  # padded head: a program's weight rows are not one box
+    {"ROT_DIM": 64},  # partial neox: weight rows loaded permuted
+], ids=["stride", "base", "padded_head", "partial_neox"])
+def test_prune_drops_tma_where_boxes_do_not_fit(overrides: dict) -> None:
+    tma = [c for c in triton_recompute.TUNE_CONFIGS if c.kwargs["TMA"]]
+    assert tma and triton_recompute._prune(tma, prune_args()) == tma
+    kept = triton_recompute._prune(triton_recompute.TUNE_CONFIGS, prune_args(**overrides))
+    assert kept and not any(c.kwargs["TMA"] for c in kept)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_all_slots_skipped_and_empty_input_write_nothing(backend: str) -> None:
     case = Case(T=5, hidden=64, heads=1, head_size=64, skip_every=1)
@@ -214,3 +262,25 @@ GPU_CASES = {
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gpu_real_shapes(name: str) -> None:
     check(GPU_CASES[name], "triton", seed=zlib.crc32(name.encode()))
+
+
+EVERY_CONFIG_CASE = Case(T=1000, hidden=1024, heads=8, head_size=128, layout="flashinfer", bias=True, knorm=True,
+                         dtype=torch.bfloat16, q_heads=16, skip_every=9)
+KEPT_CONFIGS = triton_recompute._prune(triton_recompute.TUNE_CONFIGS, prune_args(
+    stride_x=EVERY_CONFIG_CASE.hidden, stride_wk=EVERY_CONFIG_CASE.hidden + 8, stride_wv=EVERY_CONFIG_CASE.hidden + 8,
+    num_kv_heads=EVERY_CONFIG_CASE.heads))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("index", range(len(KEPT_CONFIGS)))
+def test_gpu_every_tuning_config(index: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autotuner only returns its fastest config; each one it may pick must be right."""
+    config = KEPT_CONFIGS[index]
+    force_config(monkeypatch, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    check(EVERY_CONFIG_CASE, "triton", seed=index)
+
+
+def test_every_tuning_config_survives_pruning_for_head_128() -> None:
+    """Keeps the GPU test above honest: the shape it runs prunes nothing away."""
+    assert len(KEPT_CONFIGS) == len(triton_recompute.TUNE_CONFIGS)

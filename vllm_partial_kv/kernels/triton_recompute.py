@@ -2,9 +2,11 @@
 paged-cache scatter all happen on the register tile, so recomputed K/V never round-trips through
 HBM before it lands in the cache.
 
-Each program owns a [BLOCK_T, head] tile of either K or V of one KV head, computed by one
-full-width tl.dot (N = head_size, the widest wgmma). RoPE then separates each rotary pair with a
-register-level reshape + split: neox pairs (i, i + rot/2) sit in the two tile halves, GPT-J pairs
+Each program owns a [BLOCK_T, HEADS * head] tile of either K or V of HEADS adjacent KV heads,
+computed by one full-width tl.dot: their weight rows are adjacent, so HEADS = 2 at head 128 gives
+the N = 256 tile (the widest wgmma) that Hopper GEMMs run best with. The epilogue views the tile as
+[BLOCK_T * HEADS, head] rows of one head each. RoPE then separates each rotary pair with a
+register-level reshape + split: neox pairs (i, i + rot/2) sit in the two row halves, GPT-J pairs
 (2i, 2i + 1) are adjacent; for partial-rotary neox the weight rows are loaded permuted so the pairs
 still land that way. This beats two half-width accumulators, which would halve the MMA N.
 """
@@ -28,25 +30,25 @@ TUNE_MIN_T = 128
 
 
 @triton.jit
-def _rope(acc, pos_ptr, cs_ptr, offs_t, t_mask, stride_cs,
-          BLOCK_T: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr):
-    """Rotate pairs (a_i, b_i); neox tiles hold [a | b], GPT-J tiles hold a0 b0 a1 b1 ...
-    Pairs past ROT_DIM / 2 get cos = 1, sin = 0 and pass through unchanged."""
+def _rope(acc, pos_ptr, cs_ptr, tok, r_mask, stride_cs,
+          ROWS: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr):
+    """Rotate pairs (a_i, b_i) of each row (one head of token tok); neox rows hold [a | b], GPT-J
+    rows hold a0 b0 a1 b1 ... Pairs past ROT_DIM / 2 get cos = 1, sin = 0 and pass through unchanged."""
     HALF: tl.constexpr = HEAD_PAD // 2
     pairs = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok, mask=r_mask, other=0).to(tl.int64)
     cs = cs_ptr + pos[:, None] * stride_cs + pairs[None, :]
-    rot = t_mask[:, None] & (pairs < ROT_DIM // 2)[None, :]
+    rot = r_mask[:, None] & (pairs < ROT_DIM // 2)[None, :]
     cos = tl.load(cs, mask=rot, other=1.0).to(tl.float32)
     sin = tl.load(cs + ROT_DIM // 2, mask=rot, other=0.0).to(tl.float32)
     if NEOX:
-        a, b = tl.split(tl.permute(tl.reshape(acc, [BLOCK_T, 2, HALF]), (0, 2, 1)))
+        a, b = tl.split(tl.permute(tl.reshape(acc, [ROWS, 2, HALF]), (0, 2, 1)))
     else:
-        a, b = tl.split(tl.reshape(acc, [BLOCK_T, HALF, 2]))
+        a, b = tl.split(tl.reshape(acc, [ROWS, HALF, 2]))
     out = tl.join(a * cos - b * sin, b * cos + a * sin)
     if NEOX:
         out = tl.permute(out, (0, 2, 1))
-    return tl.reshape(out, [BLOCK_T, HEAD_PAD])
+    return tl.reshape(out, [ROWS, HEAD_PAD])
 
 
 @triton.jit
@@ -68,54 +70,77 @@ def _recompute_kv_kernel(
         t_bucket,  # autotune key only: tune per power-of-two bucket of T, not per T
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
         HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_T, head] tile of K or V of one KV head per program. 1-D grid over (token tile,
-    K/V x head), grouped so GROUP_T token tiles share L2. K and V programs share one main loop:
-    only pointers differ, and the K-only epilogue sits behind a uniform branch."""
+        DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+        HEADS: tl.constexpr, TMA: tl.constexpr):
+    """One [BLOCK_T, HEADS * head] tile of K or V of HEADS adjacent KV heads per program. 1-D grid
+    over (token tile, K/V x head group), grouped so GROUP_T token tiles share L2. K and V programs
+    share one main loop: only pointers differ, and the K-only epilogue sits behind a uniform branch."""
+    N: tl.constexpr = HEADS * HEAD_PAD
+    ROWS: tl.constexpr = BLOCK_T * HEADS
     pid = tl.program_id(0)
     num_t = tl.cdiv(T, BLOCK_T)
-    per_group = GROUP_T * 2 * num_kv_heads
+    groups = num_kv_heads // HEADS
+    per_group = GROUP_T * 2 * groups
     first_t = (pid // per_group) * GROUP_T
     group_t = tl.minimum(num_t - first_t, GROUP_T)
     pid_t = first_t + (pid % per_group) % group_t
     pid_n = (pid % per_group) // group_t
-    is_k = pid_n < num_kv_heads
+    is_k = pid_n < groups
     if is_k:
-        head = pid_n
+        head0 = pid_n * HEADS
         w_ptr, stride_w, cache_ptr, scale = wk_ptr, stride_wk, kc_ptr, k_scale
     else:
-        head = pid_n - num_kv_heads
+        head0 = (pid_n - groups) * HEADS
         w_ptr, stride_w, cache_ptr, scale = wv_ptr, stride_wv, vc_ptr, v_scale
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     cols = tl.arange(0, HEAD_PAD)
+    n = tl.arange(0, N)
     if NEOX and 0 < ROT_DIM and ROT_DIM < HEAD_PAD:  # V uses the same order: loads and stores agree
         dims = _neox_partial_order(cols, ROT_DIM, HEAD_PAD)
+        n_dims = _neox_partial_order(n % HEAD_PAD, ROT_DIM, HEAD_PAD)
     else:
         dims = cols
+        n_dims = n % HEAD_PAD
     d_mask = dims < HEAD
+    n_mask = n_dims < HEAD
+    w_row = (head0 + n // HEAD_PAD) * HEAD + n_dims  # weight (and bias) row of each tile column
 
-    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x
-    w_rows = w_ptr + (head * HEAD + dims)[:, None] * stride_w
-    acc = tl.zeros([BLOCK_T, HEAD_PAD], dtype=tl.float32)
+    if TMA:  # the program's weight rows are one box; rows past T and columns past hidden read as 0
+        x_desc = tl.make_tensor_descriptor(x_ptr, [T, hidden], [stride_x, 1], [BLOCK_T, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, [num_kv_heads * HEAD, hidden], [stride_w, 1], [N, BLOCK_K])
+    else:
+        x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x
+        w_rows = w_ptr + w_row[:, None] * stride_w
+    acc = tl.zeros([BLOCK_T, N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < hidden
-        xt = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_rows + offs_k[None, :], mask=d_mask[:, None] & k_mask[None, :], other=0.0)
+        if TMA:
+            xt = x_desc.load([pid_t * BLOCK_T, k0])
+            wt = w_desc.load([head0 * HEAD, k0])
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < hidden
+            xt = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_F32:  # the Triton interpreter multiplies bf16 operands as their raw uint16 bits
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
 
-    # Each bias load is masked off entirely in the other half of the grid (`d_mask & is_k` would read
+    # Each bias load is masked off entirely in the other half of the grid (`n_mask & is_k` would read
     # better, but the interpreter turns bool & scalar-bool into ints).
     if HAS_BK:
-        b = tl.load(bk_ptr + head * HEAD + dims, mask=dims < tl.where(is_k, HEAD, 0), other=0.0)
+        b = tl.load(bk_ptr + w_row, mask=n_dims < tl.where(is_k, HEAD, 0), other=0.0)
         acc += b.to(tl.float32)[None, :]
     if HAS_BV:
-        b = tl.load(bv_ptr + head * HEAD + dims, mask=dims < tl.where(is_k, 0, HEAD), other=0.0)
+        b = tl.load(bv_ptr + w_row, mask=n_dims < tl.where(is_k, 0, HEAD), other=0.0)
         acc += b.to(tl.float32)[None, :]
+
+    # From here on one row per (token, head): row r is token r // HEADS, head head0 + r % HEADS.
+    acc = tl.reshape(acc, [ROWS, HEAD_PAD])
+    r = tl.arange(0, ROWS)
+    tok = pid_t * BLOCK_T + r // HEADS
+    r_mask = tok < T
     if HAS_KNORM or ROT_DIM > 0:
         if is_k:
             if HAS_KNORM:
@@ -123,12 +148,12 @@ def _recompute_kv_kernel(
                 norm_w = tl.load(kn_ptr + dims, mask=d_mask, other=0.0).to(tl.float32)
                 acc = acc * inv_rms[:, None] * norm_w[None, :]
             if ROT_DIM > 0:
-                acc = _rope(acc, pos_ptr, cs_ptr, offs_t, t_mask, stride_cs, BLOCK_T, HEAD_PAD, ROT_DIM, NEOX)
+                acc = _rope(acc, pos_ptr, cs_ptr, tok, r_mask, stride_cs, ROWS, HEAD_PAD, ROT_DIM, NEOX)
     if FP8_MAX > 0:
         acc = tl.clamp(acc / scale, -FP8_MAX, FP8_MAX)
 
-    slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)
-    rows = (slots // block_size) * c_s0 + (slots % block_size) * c_s1 + head * c_s2
+    slots = tl.load(slot_ptr + tok, mask=r_mask, other=-1).to(tl.int64)
+    rows = (slots // block_size) * c_s0 + (slots % block_size) * c_s1 + (head0 + r % HEADS) * c_s2
     ptrs = cache_ptr + rows[:, None] + (dims * c_s3)[None, :]
     tl.store(ptrs, acc.to(cache_ptr.dtype.element_ty), mask=(slots >= 0)[:, None] & d_mask[None, :])
 
@@ -138,8 +163,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _config(block_t: int, block_k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_T": block_t, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _config(block_t: int, block_k: int, warps: int, stages: int, heads: int = 1,
+            tma: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_T": block_t, "BLOCK_K": block_k, "HEADS": heads, "TMA": tma},
+                         num_warps=warps, num_stages=stages)
 
 
 def _fixed_config(T: int, head_pad: int, elem: int) -> dict:
@@ -149,11 +176,15 @@ def _fixed_config(T: int, head_pad: int, elem: int) -> dict:
     warps = 8 if block_t * head_pad > 64 * 32 * 4 else 4
     stages = 3
     block_k = next(bk for bk in (128, 64, 32, 16) if stages * (block_t + head_pad) * bk * elem <= 160 * 1024)
-    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
+    return {"BLOCK_T": block_t, "BLOCK_K": block_k, "HEADS": 1, "TMA": False, "num_warps": warps,
+            "num_stages": stages}
 
 
-# H100 candidates (BLOCK_T, BLOCK_K, warps, stages): 128-row tiles feed wgmma for large T; 32/64-row
-# tiles give small T enough programs to cover 132 SMs; (64, 64, 8) is the big-tile choice for head 256.
+# H100 candidates (BLOCK_T, BLOCK_K, warps, stages[, heads, tma]): 128-row tiles feed wgmma for
+# large T; 32/64-row tiles give small T enough programs to cover 132 SMs; (64, 64, 8) is the big-tile
+# choice for head 256. Two heads of 128 make the 128 x 256 x 64 tile of Triton's Hopper matmul
+# tutorial; TMA loads replace cp.async (the 2026-11-23 H100 run, one head per program and no TMA,
+# picked 256 x 128 x 64 at T >= 4096 and reached 74-80% of cuBLAS).
 TUNE_CONFIGS = [
     _config(32, 128, 4, 4),
     _config(64, 64, 4, 4),
@@ -163,29 +194,52 @@ TUNE_CONFIGS = [
     _config(128, 64, 8, 4),
     _config(128, 128, 8, 3),
     _config(256, 64, 8, 3),
+    _config(64, 64, 4, 4, heads=2),
+    _config(64, 64, 8, 4, heads=2),
+    _config(128, 64, 8, 3, heads=2),
+    _config(128, 64, 8, 4, heads=2),
+    _config(256, 64, 8, 3, tma=True),
+    _config(128, 64, 8, 3, heads=2, tma=True),
+    _config(128, 64, 8, 4, heads=2, tma=True),
 ]
+_MAX_N = 256  # wgmma's widest N
 _SMEM_BUDGET = 225 * 1024  # H100: 227 KiB of shared memory per block
-# fp32 accumulator registers per thread: ptxas (sm_90, Triton 3.6) fits 128 with the RoPE epilogue
-# (at most a 16-byte spill) and spills kilobytes at 256.
+# fp32 accumulator registers per thread: at 128 ptxas (sm_90, Triton 3.6) spills at most 144 bytes,
+# all in the RoPE epilogue; at 256 the main loop spills (tests/test_kernel_sm90.py checks both).
 _MAX_ACC_REGS = 128
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles taller than the T bucket, and ones that would spill or overflow shared memory
-    (falling back to the small-T config, which always fits)."""
+    """Drop tiles taller than the T bucket, head groups that do not divide the KV heads, TMA where the
+    operands do not allow it, and tiles that would spill or overflow shared memory (falling back to
+    the small-T config, which always fits)."""
     args = {**named_args, **kwargs}
     head_pad, elem = args["HEAD_PAD"], args["x_ptr"].element_size()
     max_t = max(32, args["t_bucket"] // 2)
+    tma_ok = _tma_ok(args)
 
     def fits(c: triton.Config) -> bool:
-        bt, bk = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"]
-        regs = bt * head_pad // (32 * c.num_warps)
-        smem = c.num_stages * (bt + head_pad) * bk * elem
-        return bt <= max_t and regs <= _MAX_ACC_REGS and smem <= _SMEM_BUDGET
+        bt, bk, heads = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"], c.kwargs["HEADS"]
+        n = heads * head_pad
+        regs = bt * n // (32 * c.num_warps)
+        smem = c.num_stages * (bt + n) * bk * elem
+        return (bt <= max_t and args["num_kv_heads"] % heads == 0 and n <= _MAX_N
+                and (tma_ok or not c.kwargs["TMA"]) and regs <= _MAX_ACC_REGS and smem <= _SMEM_BUDGET)
 
     fixed = _fixed_config(args["t_bucket"], head_pad, elem)
     fallback = _config(fixed["BLOCK_T"], fixed["BLOCK_K"], fixed["num_warps"], fixed["num_stages"])
     return [c for c in configs if fits(c)] or [fallback]
+
+
+def _tma_ok(args: dict) -> bool:
+    """TMA boxes need 16-byte aligned bases and row strides, and each program's weight rows to be one
+    contiguous box (no head padding, no permuted partial-rotary rows)."""
+    head, head_pad, rot = args["HEAD"], args["HEAD_PAD"], args["ROT_DIM"]
+    elem = args["x_ptr"].element_size()
+    aligned = all(args[p].data_ptr() % 16 == 0 for p in ("x_ptr", "wk_ptr", "wv_ptr")) and all(
+        args[s] * elem % 16 == 0 for s in ("stride_x", "stride_wk", "stride_wv"))
+    permuted = args["NEOX"] and 0 < rot < head_pad
+    return aligned and head == head_pad and not permuted
 
 
 _tuned_kernel = triton.autotune(
@@ -239,8 +293,10 @@ def recompute_kv_triton(
     }
 
     def grid(m: dict) -> tuple[int]:
-        return (triton.cdiv(T, m["BLOCK_T"]) * 2 * num_kv_heads,)
+        return (triton.cdiv(T, m["BLOCK_T"]) * 2 * (num_kv_heads // m["HEADS"]),)
 
+    if x.is_cuda and not INTERPRET:  # TMA descriptors are built in a per-launch global scratch
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=x.device, dtype=torch.int8))
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         if INTERPRET or T < TUNE_MIN_T:
             _recompute_kv_kernel[grid](*args, **meta, **_fixed_config(T, meta["HEAD_PAD"], x.element_size()))
