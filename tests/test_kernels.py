@@ -177,24 +177,58 @@ def test_tma_loads(name: str, heads: int, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def prune_args(**overrides) -> dict:
-    """What the autotuner hands `_prune` for a bf16, head-128 layer with 16-byte aligned operands."""
-    aligned = torch.empty(64, dtype=torch.bfloat16)
-    return {"x_ptr": aligned, "wk_ptr": aligned, "wv_ptr": aligned, "stride_x": 1024, "stride_wk": 1032,
-            "stride_wv": 1032, "HEAD": 128, "HEAD_PAD": 128, "ROT_DIM": 128, "NEOX": True, "num_kv_heads": 8,
-            "t_bucket": 1 << 16, **overrides}
+    """What the autotuner hands `_prune` for a bf16, head-128 layer whose operands allow TMA."""
+    return {"x_ptr": torch.empty(0, dtype=torch.bfloat16), "HEAD_PAD": 128, "num_kv_heads": 8, "t_bucket": 1 << 16,
+            "tma_ok": 1, **overrides}
 
 
-@pytest.mark.parametrize("overrides", [
-    {"stride_x": 1028},  # row stride of 2056 bytes
-    {"wv_ptr": torch.empty(64, dtype=torch.bfloat16)[1:]},  # base 2 bytes off
-    {"HEAD": 80},  # padded head: a program's weight rows are not one box
-    {"ROT_DIM": 64},  # partial neox: weight rows loaded permuted
-], ids=["stride", "base", "padded_head", "partial_neox"])
-def test_prune_drops_tma_where_boxes_do_not_fit(overrides: dict) -> None:
-    tma = [c for c in triton_recompute.TUNE_CONFIGS if c.kwargs["TMA"]]
-    assert tma and triton_recompute._prune(tma, prune_args()) == tma
-    kept = triton_recompute._prune(triton_recompute.TUNE_CONFIGS, prune_args(**overrides))
+def test_prune_keeps_tma_only_when_eligible() -> None:
+    configs = triton_recompute.TUNE_CONFIGS
+    assert any(c.kwargs["TMA"] for c in triton_recompute._prune(configs, prune_args()))
+    kept = triton_recompute._prune(configs, prune_args(tma_ok=0))
     assert kept and not any(c.kwargs["TMA"] for c in kept)
+
+
+def _unaligned(rows: int, cols: int) -> torch.Tensor:
+    return torch.empty(1 + rows * cols, dtype=torch.bfloat16)[1:].view(rows, cols)  # base 2 bytes off
+
+
+@pytest.mark.parametrize("change, eligible", [
+    ({}, True),
+    ({"x": torch.empty(8, 1028, dtype=torch.bfloat16)[:, :1024]}, False),  # row stride of 2056 bytes
+    ({"w_v": _unaligned(1024, 1024)}, False),
+    ({"head_size": 80}, False),  # padded head: a program's weight rows are not one box
+    ({"rotary_dim": 64}, False),  # partial neox: weight rows loaded permuted
+    ({"rotary_dim": 64, "is_neox": False}, True),  # partial GPT-J rotates in place
+    ({"rotary_dim": 0}, True),
+], ids=["aligned", "x_stride", "w_base", "padded_head", "partial_neox", "partial_gptj", "no_rope"])
+def test_tma_eligibility(change: dict, eligible: bool) -> None:
+    w = torch.empty(2048, 1024, dtype=torch.bfloat16)
+    args = {"x": torch.empty(8, 1024, dtype=torch.bfloat16), "w_k": w[:1024], "w_v": w[1024:], "head_size": 128,
+            "rotary_dim": 128, "is_neox": True, **change}
+    assert triton_recompute._tma_eligible(**args) is eligible
+
+
+@pytest.mark.parametrize("rotary_dim, eligible", [(128, 1), (64, 0)])
+def test_launcher_tells_the_autotuner_whether_tma_applies(rotary_dim: int, eligible: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tma_ok` is an autotuning key: a tuned TMA pick must never be reused for operands it cannot load."""
+    launches = []
+    names = triton_recompute._recompute_kv_kernel.arg_names
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append(dict(zip(names, args)))
+
+    monkeypatch.setattr(triton_recompute, "_tuned_kernel", Recorder())
+    monkeypatch.setattr(triton_recompute, "INTERPRET", False)
+    case = Case(T=triton_recompute.TUNE_MIN_T, hidden=64, heads=2, head_size=128, rotary_dim=rotary_dim,
+                dtype=torch.bfloat16)
+    inputs = make_inputs(case, seed=0)
+    key_cache, value_cache = make_caches(case, inputs.pop("num_blocks"), torch.bfloat16)
+    triton_recompute.recompute_kv_triton(**inputs, key_cache=key_cache, value_cache=value_cache, k_norm_eps=1e-6,
+                                         k_scale=None, v_scale=None)
+    assert [launch["tma_ok"] for launch in launches] == [eligible]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -266,9 +300,8 @@ def test_gpu_real_shapes(name: str) -> None:
 
 EVERY_CONFIG_CASE = Case(T=1000, hidden=1024, heads=8, head_size=128, layout="flashinfer", bias=True, knorm=True,
                          dtype=torch.bfloat16, q_heads=16, skip_every=9)
-KEPT_CONFIGS = triton_recompute._prune(triton_recompute.TUNE_CONFIGS, prune_args(
-    stride_x=EVERY_CONFIG_CASE.hidden, stride_wk=EVERY_CONFIG_CASE.hidden + 8, stride_wv=EVERY_CONFIG_CASE.hidden + 8,
-    num_kv_heads=EVERY_CONFIG_CASE.heads))
+KEPT_CONFIGS = triton_recompute._prune(triton_recompute.TUNE_CONFIGS,
+                                       prune_args(num_kv_heads=EVERY_CONFIG_CASE.heads))
 
 
 @pytest.mark.gpu

@@ -62,12 +62,12 @@ def _neox_partial_order(cols, ROT_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
 
 
 # Sizes that change call to call are not specialized on (divisibility, == 1): one binary per config.
-@triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "t_bucket"])
+@triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "t_bucket", "tma_ok"])
 def _recompute_kv_kernel(
         x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
         T, hidden, num_kv_heads, stride_x, stride_wk, stride_wv, stride_cs,
         c_s0, c_s1, c_s2, c_s3, block_size, k_scale, v_scale, eps,
-        t_bucket,  # autotune key only: tune per power-of-two bucket of T, not per T
+        t_bucket, tma_ok,  # autotune keys only: tune per power-of-two bucket of T, and per TMA eligibility
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
         HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -211,12 +211,11 @@ _MAX_ACC_REGS = 128
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles taller than the T bucket, head groups that do not divide the KV heads, TMA where the
-    operands do not allow it, and tiles that would spill or overflow shared memory (falling back to
+    operands do not allow it (`_tma_eligible`), and tiles that would spill or overflow shared memory (falling back to
     the small-T config, which always fits)."""
     args = {**named_args, **kwargs}
     head_pad, elem = args["HEAD_PAD"], args["x_ptr"].element_size()
     max_t = max(32, args["t_bucket"] // 2)
-    tma_ok = _tma_ok(args)
 
     def fits(c: triton.Config) -> bool:
         bt, bk, heads = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"], c.kwargs["HEADS"]
@@ -224,29 +223,29 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         regs = bt * n // (32 * c.num_warps)
         smem = c.num_stages * (bt + n) * bk * elem
         return (bt <= max_t and args["num_kv_heads"] % heads == 0 and n <= _MAX_N
-                and (tma_ok or not c.kwargs["TMA"]) and regs <= _MAX_ACC_REGS and smem <= _SMEM_BUDGET)
+                and (args["tma_ok"] or not c.kwargs["TMA"]) and regs <= _MAX_ACC_REGS and smem <= _SMEM_BUDGET)
 
     fixed = _fixed_config(args["t_bucket"], head_pad, elem)
     fallback = _config(fixed["BLOCK_T"], fixed["BLOCK_K"], fixed["num_warps"], fixed["num_stages"])
     return [c for c in configs if fits(c)] or [fallback]
 
 
-def _tma_ok(args: dict) -> bool:
-    """TMA boxes need 16-byte aligned bases and row strides, and each program's weight rows to be one
-    contiguous box (no head padding, no permuted partial-rotary rows)."""
-    head, head_pad, rot = args["HEAD"], args["HEAD_PAD"], args["ROT_DIM"]
-    elem = args["x_ptr"].element_size()
-    aligned = all(args[p].data_ptr() % 16 == 0 for p in ("x_ptr", "wk_ptr", "wv_ptr")) and all(
-        args[s] * elem % 16 == 0 for s in ("stride_x", "stride_wk", "stride_wv"))
-    permuted = args["NEOX"] and 0 < rot < head_pad
-    return aligned and head == head_pad and not permuted
-
-
+# Timings persist in Triton's cache dir: a restart does not tune (and stall a restore) again.
 _tuned_kernel = triton.autotune(
     configs=TUNE_CONFIGS,
-    key=["t_bucket", "hidden", "num_kv_heads", "HEAD_PAD"],
+    key=["t_bucket", "tma_ok", "hidden", "num_kv_heads", "HEAD_PAD"],
     prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(_recompute_kv_kernel)
+
+
+def _tma_eligible(x: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, head_size: int, rotary_dim: int,
+                  is_neox: bool) -> bool:
+    """TMA boxes need 16-byte aligned bases and row strides, and each program's weight rows to be one
+    contiguous box (no head padding, no permuted partial-rotary rows)."""
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x, w_k, w_v))
+    padded = head_size != max(16, _next_pow2(head_size))
+    return aligned and not padded and not (is_neox and 0 < rotary_dim < head_size)
 
 
 def recompute_kv_triton(
@@ -270,18 +269,19 @@ def recompute_kv_triton(
     T, hidden = x.shape
     _, block_size, num_kv_heads, head_size = key_cache.shape
     fp8 = key_cache.dtype in FP8_DTYPES
+    rotary_dim = 0 if cos_sin_cache is None else cos_sin_cache.shape[1]
     args = (
         x, w_k, w_v, b_k, b_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, k_norm_weight,
         T, hidden, num_kv_heads, x.stride(0), w_k.stride(0), w_v.stride(0),
         0 if cos_sin_cache is None else cos_sin_cache.stride(0),
         *key_cache.stride(),  # value_cache has the same strides (validated)
         block_size, float(k_scale or 1.0), float(v_scale or 1.0), float(k_norm_eps),
-        _next_pow2(T),
+        _next_pow2(T), int(_tma_eligible(x, w_k, w_v, head_size, rotary_dim, is_neox)),
     )
     meta = {
         "HEAD": head_size,
         "HEAD_PAD": max(16, _next_pow2(head_size)),
-        "ROT_DIM": 0 if cos_sin_cache is None else cos_sin_cache.shape[1],
+        "ROT_DIM": rotary_dim,
         "NEOX": bool(is_neox),
         "HAS_BK": b_k is not None,
         "HAS_BV": b_v is not None,
