@@ -164,7 +164,7 @@ def test_two_heads_per_program(name: str, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def tma_applies(case: Case) -> bool:
-    """What `_tma_ok` asks of these cases (their strides and bases are all 16-byte aligned)."""
+    """What `_tma_eligible` asks of these cases (their strides and bases are all 16-byte aligned)."""
     return case.head_size & (case.head_size - 1) == 0 and not (case.rope == "neox" and case.rotary_dim)
 
 
