@@ -109,16 +109,9 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         **{f"{k}_tflops": flops / v / 1e9 for k, v in times.items()},
         "fused_over_gemm": times["fused"] / times["gemm"],
         "fused_over_unfused": times["fused"] / times["unfused"],
-        "config": tile(triton_recompute._tuned_kernel.best_config),
+        "config": triton_recompute.config_name(triton_recompute._tuned_kernel.best_config),
         "rel_err_vs_torch": rel_err,
     }
-
-
-def tile(config: triton.Config) -> str:
-    """The autotuner's pick: token rows, heads and K step of the tile, warps, stages, load kind."""
-    k = config.kwargs
-    return (f"T{k['BLOCK_T']} H{k['HEADS']} K{k['BLOCK_K']} w{config.num_warps} s{config.num_stages} "
-            f"{'tma' if k['TMA'] else 'cp.async'}")
 
 
 def markdown(rows: list[dict]) -> str:

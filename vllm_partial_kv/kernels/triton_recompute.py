@@ -5,10 +5,12 @@ HBM before it lands in the cache.
 Each program owns a [BLOCK_T, HEADS * head] tile of either K or V of HEADS adjacent KV heads,
 computed by one full-width tl.dot: their weight rows are adjacent, so HEADS = 2 at head 128 gives
 the N = 256 tile (the widest wgmma) that Hopper GEMMs run best with. The epilogue views the tile as
-[BLOCK_T * HEADS, head] rows of one head each. RoPE then separates each rotary pair with a
-register-level reshape + split: neox pairs (i, i + rot/2) sit in the two row halves, GPT-J pairs
-(2i, 2i + 1) are adjacent; for partial-rotary neox the weight rows are loaded permuted so the pairs
-still land that way. This beats two half-width accumulators, which would halve the MMA N.
+[BLOCK_T, HEADS, head] (one cos/sin row per token serves every head; compiled for sm_90 this
+epilogue needs half the shared-memory round trips of a [BLOCK_T * HEADS, head] view and spills
+nothing). RoPE separates each rotary pair with a register-level reshape + split: neox pairs
+(i, i + rot/2) sit in the two halves of a head, GPT-J pairs (2i, 2i + 1) are adjacent; for
+partial-rotary neox the weight rows are loaded permuted so the pairs still land that way. This
+beats two half-width accumulators, which would halve the MMA N.
 """
 
 from __future__ import annotations
@@ -30,25 +32,26 @@ TUNE_MIN_T = 128
 
 
 @triton.jit
-def _rope(acc, pos_ptr, cs_ptr, tok, r_mask, stride_cs,
-          ROWS: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr):
-    """Rotate pairs (a_i, b_i) of each row (one head of token tok); neox rows hold [a | b], GPT-J
-    rows hold a0 b0 a1 b1 ... Pairs past ROT_DIM / 2 get cos = 1, sin = 0 and pass through unchanged."""
+def _rope(acc, pos_ptr, cs_ptr, offs_t, t_mask, stride_cs, BLOCK_T: tl.constexpr, HEADS: tl.constexpr,
+          HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr):
+    """Rotate pairs (a_i, b_i) of each head of acc [BLOCK_T, HEADS, HEAD_PAD] by its token's position:
+    neox heads hold [a | b], GPT-J heads hold a0 b0 a1 b1 ... One cos/sin row per token serves
+    every head. Pairs past ROT_DIM / 2 get cos = 1, sin = 0 and pass through unchanged."""
     HALF: tl.constexpr = HEAD_PAD // 2
     pairs = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + tok, mask=r_mask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     cs = cs_ptr + pos[:, None] * stride_cs + pairs[None, :]
-    rot = r_mask[:, None] & (pairs < ROT_DIM // 2)[None, :]
-    cos = tl.load(cs, mask=rot, other=1.0).to(tl.float32)
-    sin = tl.load(cs + ROT_DIM // 2, mask=rot, other=0.0).to(tl.float32)
+    rot = t_mask[:, None] & (pairs < ROT_DIM // 2)[None, :]
+    cos = tl.load(cs, mask=rot, other=1.0).to(tl.float32)[:, None, :]
+    sin = tl.load(cs + ROT_DIM // 2, mask=rot, other=0.0).to(tl.float32)[:, None, :]
     if NEOX:
-        a, b = tl.split(tl.permute(tl.reshape(acc, [ROWS, 2, HALF]), (0, 2, 1)))
+        a, b = tl.split(tl.permute(tl.reshape(acc, [BLOCK_T, HEADS, 2, HALF]), (0, 1, 3, 2)))
     else:
-        a, b = tl.split(tl.reshape(acc, [ROWS, HALF, 2]))
+        a, b = tl.split(tl.reshape(acc, [BLOCK_T, HEADS, HALF, 2]))
     out = tl.join(a * cos - b * sin, b * cos + a * sin)
     if NEOX:
-        out = tl.permute(out, (0, 2, 1))
-    return tl.reshape(out, [ROWS, HEAD_PAD])
+        out = tl.permute(out, (0, 1, 3, 2))
+    return tl.reshape(out, [BLOCK_T, HEADS, HEAD_PAD])
 
 
 @triton.jit
@@ -76,7 +79,6 @@ def _recompute_kv_kernel(
     over (token tile, K/V x head group), grouped so GROUP_T token tiles share L2. K and V programs
     share one main loop: only pointers differ, and the K-only epilogue sits behind a uniform branch."""
     N: tl.constexpr = HEADS * HEAD_PAD
-    ROWS: tl.constexpr = BLOCK_T * HEADS
     pid = tl.program_id(0)
     num_t = tl.cdiv(T, BLOCK_T)
     groups = num_kv_heads // HEADS
@@ -136,26 +138,24 @@ def _recompute_kv_kernel(
         b = tl.load(bv_ptr + w_row, mask=n_dims < tl.where(is_k, 0, HEAD), other=0.0)
         acc += b.to(tl.float32)[None, :]
 
-    # From here on one row per (token, head): row r is token r // HEADS, head head0 + r % HEADS.
-    acc = tl.reshape(acc, [ROWS, HEAD_PAD])
-    r = tl.arange(0, ROWS)
-    tok = pid_t * BLOCK_T + r // HEADS
-    r_mask = tok < T
+    # From here on [token, head, dim].
+    acc = tl.reshape(acc, [BLOCK_T, HEADS, HEAD_PAD])
     if HAS_KNORM or ROT_DIM > 0:
         if is_k:
             if HAS_KNORM:
-                inv_rms = tl.rsqrt(tl.sum(acc * acc, axis=1) / HEAD + eps)
+                inv_rms = tl.rsqrt(tl.sum(acc * acc, axis=2) / HEAD + eps)
                 norm_w = tl.load(kn_ptr + dims, mask=d_mask, other=0.0).to(tl.float32)
-                acc = acc * inv_rms[:, None] * norm_w[None, :]
+                acc = acc * inv_rms[:, :, None] * norm_w[None, None, :]
             if ROT_DIM > 0:
-                acc = _rope(acc, pos_ptr, cs_ptr, tok, r_mask, stride_cs, ROWS, HEAD_PAD, ROT_DIM, NEOX)
+                acc = _rope(acc, pos_ptr, cs_ptr, offs_t, t_mask, stride_cs, BLOCK_T, HEADS, HEAD_PAD, ROT_DIM, NEOX)
     if FP8_MAX > 0:
         acc = tl.clamp(acc / scale, -FP8_MAX, FP8_MAX)
 
-    slots = tl.load(slot_ptr + tok, mask=r_mask, other=-1).to(tl.int64)
-    rows = (slots // block_size) * c_s0 + (slots % block_size) * c_s1 + (head0 + r % HEADS) * c_s2
-    ptrs = cache_ptr + rows[:, None] + (dims * c_s3)[None, :]
-    tl.store(ptrs, acc.to(cache_ptr.dtype.element_ty), mask=(slots >= 0)[:, None] & d_mask[None, :])
+    slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)
+    rows = (slots // block_size) * c_s0 + (slots % block_size) * c_s1
+    heads = (head0 + tl.arange(0, HEADS)) * c_s2
+    ptrs = cache_ptr + rows[:, None, None] + heads[None, :, None] + (dims * c_s3)[None, None, :]
+    tl.store(ptrs, acc.to(cache_ptr.dtype.element_ty), mask=(slots >= 0)[:, None, None] & d_mask[None, None, :])
 
 
 def _next_pow2(n: int) -> int:
@@ -203,9 +203,16 @@ TUNE_CONFIGS = [
     _config(128, 64, 8, 4, heads=2, tma=True),
 ]
 _MAX_N = 256  # wgmma's widest N
+
+
+def config_name(config: triton.Config) -> str:
+    """Token rows, heads and K step of the tile, warps, stages, load kind (for benchmark tables)."""
+    k = config.kwargs
+    return (f"T{k['BLOCK_T']} H{k['HEADS']} K{k['BLOCK_K']} w{config.num_warps} s{config.num_stages} "
+            f"{'tma' if k['TMA'] else 'cp.async'}")
 _SMEM_BUDGET = 225 * 1024  # H100: 227 KiB of shared memory per block
-# fp32 accumulator registers per thread: at 128 ptxas (sm_90, Triton 3.6) spills at most 144 bytes,
-# all in the RoPE epilogue; at 256 the main loop spills (tests/test_kernel_sm90.py checks both).
+# fp32 accumulator registers per thread: ptxas (sm_90, Triton 3.6) spills nothing at 128 and
+# kilobytes at 256 (tests/test_kernel_sm90.py).
 _MAX_ACC_REGS = 128
 
 
