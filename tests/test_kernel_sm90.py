@@ -2,7 +2,7 @@
 (`benchmarks/kernel_sass.py`, in a child process: the tests' Triton interpreter cannot compile).
 Catches, before any GPU time is spent, a config that fails to lower, spills registers, overflows
 shared memory, misses the full-width wgmma or does not issue TMA copies. The lent GPUs run Triton
-3.6: `PYTHONPATH=<unpacked triton-3.6 wheel> pytest tests/test_kernel_sm90.py` checks with it."""
+3.6, which `make test-vllm026` (torch 2.11) brings: CI compiles with both."""
 
 from __future__ import annotations
 
