@@ -90,7 +90,10 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
     # Correctness once per shape, before any timing: fused vs the torch backend (fp32 compute).
     ref = torch.zeros_like(kv)
     s, w = inputs[0]
-    fused(s, w)
+    tuner = triton_recompute._tuned_kernel
+    tuner.configs_timings = None
+    fused(s, w)  # tunes this shape's key: every candidate is timed
+    candidates = candidate_times(tuner.configs_timings)
     recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], ref[0], ref[1], s["slot_mapping"], s["positions"], cos_sin,
                  backend="torch")
     rel_err = ((kv.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -109,9 +112,17 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         **{f"{k}_tflops": flops / v / 1e9 for k, v in times.items()},
         "fused_over_gemm": times["fused"] / times["gemm"],
         "fused_over_unfused": times["fused"] / times["unfused"],
-        "config": triton_recompute.config_name(triton_recompute._tuned_kernel.best_config),
+        "config": triton_recompute.config_name(tuner.best_config),
+        "candidates_ms": candidates,
         "rel_err_vs_torch": rel_err,
     }
+
+
+def candidate_times(timings: dict | None) -> dict[str, float] | None:
+    """The autotuner's median ms per candidate tile (None where it did not tune, e.g. below TUNE_MIN_T)."""
+    if not timings:
+        return None
+    return {triton_recompute.config_name(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -135,6 +146,7 @@ def main() -> None:
         sys.exit("benchmarks/kernel.py needs a CUDA GPU")
 
     writer_name, write = cache_writer(torch.device("cuda"))
+    triton_recompute._tuned_kernel.cache_results = False  # tune here, so every candidate gets timed
     rows = []
     for name in args.shapes:
         for T in args.tokens:
@@ -142,6 +154,8 @@ def main() -> None:
             rows.append(row)
             print(f"{name} T={T}: fused {row['fused_ms']:.3f} ms ({row['fused_tflops']:.0f} TFLOP/s), "
                   f"GEMM {row['gemm_ms']:.3f} ms, unfused {row['unfused_ms']:.3f} ms, {row['config']}", flush=True)
+            for tile, ms in sorted((row["candidates_ms"] or {}).items(), key=lambda kv: kv[1])[:4]:
+                print(f"    {ms:.3f} ms  {tile}")
             torch.cuda.empty_cache()
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
