@@ -197,7 +197,7 @@ def _unaligned(rows: int, cols: int) -> torch.Tensor:
     ({}, True),
     ({"x": torch.empty(8, 1028, dtype=torch.bfloat16)[:, :1024]}, False),  # row stride of 2056 bytes
     ({"w_v": _unaligned(1024, 1024)}, False),
-    ({"head_size": 80}, False),  # padded head: a program's weight rows are not one box
+    ({"head_size": 80}, False),  # padded head (to 128): a program's weight rows are not one box
     ({"rotary_dim": 64}, False),  # partial neox: weight rows loaded permuted
     ({"rotary_dim": 64, "is_neox": False}, True),  # partial GPT-J rotates in place
     ({"rotary_dim": 0}, True),
@@ -205,7 +205,7 @@ def _unaligned(rows: int, cols: int) -> torch.Tensor:
 def test_tma_eligibility(change: dict, eligible: bool) -> None:
     w = torch.empty(2048, 1024, dtype=torch.bfloat16)
     args = {"x": torch.empty(8, 1024, dtype=torch.bfloat16), "w_k": w[:1024], "w_v": w[1024:], "head_size": 128,
-            "rotary_dim": 128, "is_neox": True, **change}
+            "head_pad": 128, "rotary_dim": 128, "is_neox": True, **change}
     assert triton_recompute._tma_eligible(**args) is eligible
 
 

@@ -246,13 +246,12 @@ _tuned_kernel = triton.autotune(
 )(_recompute_kv_kernel)
 
 
-def _tma_eligible(x: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, head_size: int, rotary_dim: int,
-                  is_neox: bool) -> bool:
+def _tma_eligible(x: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, head_size: int, head_pad: int,
+                  rotary_dim: int, is_neox: bool) -> bool:
     """TMA boxes need 16-byte aligned bases and row strides, and each program's weight rows to be one
     contiguous box (no head padding, no permuted partial-rotary rows)."""
     aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x, w_k, w_v))
-    padded = head_size != max(16, _next_pow2(head_size))
-    return aligned and not padded and not (is_neox and 0 < rotary_dim < head_size)
+    return aligned and head_size == head_pad and not (is_neox and 0 < rotary_dim < head_size)
 
 
 def recompute_kv_triton(
@@ -277,17 +276,18 @@ def recompute_kv_triton(
     _, block_size, num_kv_heads, head_size = key_cache.shape
     fp8 = key_cache.dtype in FP8_DTYPES
     rotary_dim = 0 if cos_sin_cache is None else cos_sin_cache.shape[1]
+    head_pad = max(16, _next_pow2(head_size))
     args = (
         x, w_k, w_v, b_k, b_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, k_norm_weight,
         T, hidden, num_kv_heads, x.stride(0), w_k.stride(0), w_v.stride(0),
         0 if cos_sin_cache is None else cos_sin_cache.stride(0),
         *key_cache.stride(),  # value_cache has the same strides (validated)
         block_size, float(k_scale or 1.0), float(v_scale or 1.0), float(k_norm_eps),
-        _next_pow2(T), int(_tma_eligible(x, w_k, w_v, head_size, rotary_dim, is_neox)),
+        _next_pow2(T), int(_tma_eligible(x, w_k, w_v, head_size, head_pad, rotary_dim, is_neox)),
     )
     meta = {
         "HEAD": head_size,
-        "HEAD_PAD": max(16, _next_pow2(head_size)),
+        "HEAD_PAD": head_pad,
         "ROT_DIM": rotary_dim,
         "NEOX": bool(is_neox),
         "HAS_BK": b_k is not None,
