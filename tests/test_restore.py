@@ -68,8 +68,12 @@ def _prompt(seed: int, n: int, vocab: int = 1000) -> dict:
     return {"prompt_token_ids": torch.randint(10, vocab, (n,), generator=g).tolist()}
 
 
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
 def _scheduler_connector(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler.connector
+    return _scheduler(llm).connector
 
 
 @pytest.mark.parametrize("arch,async_load", [(a, True) for a in ARCHS] + [("llama2", False)])
@@ -134,7 +138,7 @@ def _watch_fences(llm) -> dict:
     that vLLM's forward or a restore writes must be fenced; prefix-cache hits need not be."""
     from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
-    core = llm.llm_engine.engine_core.engine_core.scheduler
+    core = _scheduler(llm)
     connector, seen = core.connector, {"unfenced": set(), "skipped": 0}
     build = connector.build_connector_meta
 
@@ -328,7 +332,7 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model,
     llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
     worker, scheduler = _worker(), _scheduler_connector(llm)
     engine, runtime = llm.llm_engine, worker.runtime
-    core = engine.engine_core.engine_core.scheduler
+    core = _scheduler(llm)
     sp = SamplingParams(temperature=0, max_tokens=6)
     prompt, other = _prompt(7, 6 * 32 + 5), _prompt(8, 40)
     expected = list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
