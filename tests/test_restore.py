@@ -310,6 +310,20 @@ def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make
             torch.testing.assert_close(gpu[load.block_ids], host[load.slots], rtol=1e-3, atol=1e-3)
 
 
+def test_connector_reset_empties_the_host_store(tiny_model, make_llm):
+    """reset_prefix_cache(reset_connector=True), as after a weight update, drops every host copy,
+    as vLLM's own offloading does: the next turn is computed again, not restored, and stored anew."""
+    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
+    index = _scheduler_connector(llm).index
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    prompt = _prompt(7, 4 * 32 + 3)
+    expected = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    stored = len(index)
+    assert stored >= 4 and llm.reset_prefix_cache(reset_connector=True) and len(index) == 0
+    assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert _worker().totals.data["tokens_loaded"] == 0 and len(index) == stored
+
+
 def _run_until_idle(engine, prefix: str, before_step=lambda: None) -> list[int] | None:
     """Steps the engine until it has nothing left to do; the tokens of request `prefix`."""
     got = None
@@ -374,9 +388,9 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model,
     engine.add_request("aborted", prompt, sp)
     engine.step()
     assert request("aborted").status == RequestStatus.WAITING_FOR_REMOTE_KVS
-    pinned = [h for hashes in scheduler._in_flight.values() for h in hashes]
+    pinned = [e for entries in scheduler._in_flight.values() for e in entries]
     engine.abort_request([request("aborted").request_id])
-    assert pinned and all(scheduler.index._entries[h].pins > 0 for h in pinned)
+    assert pinned and all(e.pins > 0 for e in pinned)
     # The engine keeps serving; the next steps report the load done and release everything.
     engine.add_request("after", prompt, sp)
     assert _run_until_idle(engine, "after") == expected

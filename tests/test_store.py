@@ -30,44 +30,51 @@ def test_all_pinned_store_is_skipped_not_an_error():
     index = BlockIndex(2)
     for i in range(2):
         index.allocate(h(i), has_activations=True)
-    index.pin([h(0), h(1)])
+    pinned = index.pin([h(0), h(1)])
     assert index.allocate(h(2), has_activations=True) is None
-    index.unpin([h(0)])
+    index.unpin(pinned[:1])
     assert index.allocate(h(2), has_activations=True) is not None
     assert h(0) not in index
 
 
-def test_prefix_hits_and_lookup():
+def test_prefix_hits_and_pinned_entries():
     index = BlockIndex(8)
     for i in (0, 1, 2, 4):
         index.allocate(h(i), has_activations=i != 1)
     assert index.count_prefix_hits([h(0), h(1), h(2), h(3), h(4)]) == 3
-    assert [act for _, act in index.lookup([h(0), h(1), h(2)])] == [True, False, True]
+    assert [e.has_activations for e in index.pin([h(0), h(1), h(2)])] == [True, False, True]
     with pytest.raises(KeyError):
         index.allocate(h(0), has_activations=True)
 
 
-def test_clear_keeps_pinned():
+def test_clear_drops_everything_and_frees_pinned_slots_once_unpinned():
     index = BlockIndex(4)
     for i in range(3):
         index.allocate(h(i), has_activations=True)
-    index.pin([h(1)])
-    index.clear()
-    assert len(index) == 1 and h(1) in index
-    assert {index.allocate(h(i), True) for i in range(5, 8)} | {index.lookup([h(1)])[0][0]} == {0, 1, 2, 3}
+    (pinned,) = index.pin([h(1)])  # a load still reads it
+    assert index.clear() == 3
+    assert len(index) == 0 and index.count_prefix_hits([h(0)]) == 0
+    fresh = {index.allocate(h(i), True) for i in range(5, 8)}
+    assert pinned.slot not in fresh  # not reused while read
+    index.pin([h(i) for i in range(5, 8)])
+    assert index.allocate(h(1), True) is None  # every slot is read by some load
+    index.unpin([pinned])
+    assert index.allocate(h(1), True) == pinned.slot
 
 
-def test_discard_frees_slots_and_drops_pinned_entries_once_unpinned():
+def test_discarded_block_is_stored_again_while_its_old_copy_is_still_read():
     index = BlockIndex(3)
     slots = [index.allocate(h(i), has_activations=True) for i in range(3)]
-    index.pin([h(1)])  # another load still reads it
-    assert index.discard([h(0), h(1), h(9)]) == 2
-    assert h(0) not in index and index.evictions == 0
-    assert index.allocate(h(5), has_activations=True) == slots[0]  # no eviction needed
-    assert h(1) in index and index.count_prefix_hits([h(1)]) == 0  # kept for its reader only
-    index.unpin([h(1)])
-    assert h(1) not in index
-    assert index.allocate(h(6), has_activations=True) == slots[1]
+    (old,) = index.pin([h(1)])  # another load still reads it
+    assert index.discard([h(0), h(1), h(9), h(1)]) == 2
+    assert h(0) not in index and h(1) not in index and index.evictions == 0
+    assert index.count_prefix_hits([h(1)]) == 0  # never offered again
+    new = index.allocate(h(1), has_activations=True)  # the recomputed block is stored again
+    assert new == slots[0] and new != old.slot
+    (fresh,) = index.pin([h(1)])
+    index.unpin([old])  # the old load ends: its slot is free, the new entry keeps its pin
+    assert fresh.pins == 1 and h(1) in index
+    assert index.allocate(h(6), has_activations=True) == old.slot and index.evictions == 0
 
 
 def test_budget_too_small_is_a_clear_error():

@@ -26,7 +26,7 @@ from vllm_partial_kv import capture, compat, planner
 from vllm_partial_kv.config import PartialKVConfig, parse_config
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
-from vllm_partial_kv.store import BlockIndex, HostPool, ensure_room, slots_for_budget
+from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_budget
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -151,8 +151,8 @@ class _Request:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     stored_blocks: int = 0  # leading blocks already stored or known to be in the store
-    load: tuple[int, int] | None = None  # (first block, number of blocks) to restore
-    pinned: list[bytes] = field(default_factory=list)
+    load: tuple[int, list[Entry]] | None = None  # (first block, its host entries) to restore
+    pinned: list[Entry] = field(default_factory=list)
     replace_ids: bool = True  # next block ids from the scheduler are the whole list
 
 
@@ -170,7 +170,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self.reqs: dict[str, _Request] = {}
             self._matched: dict[str, tuple[int, int]] = {}
             self._to_load: list[str] = []  # requests whose load goes into the next metadata
-            self._in_flight: dict[str, list[bytes]] = {}  # async loads: request -> pinned hashes
+            self._in_flight: dict[str, list[Entry]] = {}  # async loads: request -> pinned entries
             # GPU block -> hash of the block restored into it: its activation rows were never
             # written (restores write K/V only), so storing it again must not keep them.
             self._restored: dict[int, bytes] = {}
@@ -207,10 +207,9 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         if num_external_tokens == 0 or matched is None:
             return
         first, n = matched
-        hashes = compat.request_block_hashes(request)[first : first + n]
-        state.pinned += hashes
-        self.index.pin(hashes)
-        state.load = (first, n)
+        entries = self.index.pin(compat.request_block_hashes(request)[first : first + n])
+        state.pinned += entries
+        state.load = (first, entries)
         self._to_load.append(request.request_id)
         if self.cfg.async_load:  # the request is not scheduled: its blocks come from here
             state.block_ids = list(blocks.get_block_ids()[0])
@@ -256,14 +255,13 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         return meta
 
     def _load_spec(self, req_id: str, state: _Request) -> LoadSpec:
-        first, n = state.load
+        first, entries = state.load
         state.load = None
-        hashes = compat.request_block_hashes(state.request)[first : first + n]
-        entries = self.index.lookup(hashes)  # pinned since update_state_after_alloc
-        block_ids = state.block_ids[first : first + n]
+        hashes = compat.request_block_hashes(state.request)[first : first + len(entries)]
+        block_ids = state.block_ids[first : first + len(entries)]
         self._restored.update(zip(block_ids, hashes))
         return LoadSpec(
-            slots=[slot for slot, _ in entries],
+            slots=[entry.slot for entry in entries],
             block_ids=block_ids,
             first_position=first * self.block_size,
             recompute_blocks=_leading_with_act(entries),
@@ -321,7 +319,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         return False, None
 
     def reset_cache(self) -> bool:
-        self.index.clear()
+        logger.info("partial_kv: host store reset, %d blocks dropped", self.index.clear())
         return True
 
     # ============================================================================= worker half
@@ -492,10 +490,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         return PartialKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
-def _leading_with_act(entries: list[tuple[int, bool]]) -> int:
+def _leading_with_act(entries: list[Entry]) -> int:
     n = 0
-    for _, has_act in entries:
-        if not has_act:
+    for entry in entries:
+        if not entry.has_activations:
             break
         n += 1
     return n

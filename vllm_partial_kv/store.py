@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +22,16 @@ import torch
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 
-@dataclass
-class _Entry:
+@dataclass(eq=False)
+class Entry:
+    """A stored block's host slot. Loads pin the entry itself, not its hash: an entry dropped while
+    a load still reads it keeps its slot until that load ends, while the same block can already be
+    stored again, into another slot, under the same hash."""
+
     slot: int
     has_activations: bool
     pins: int = 0
-    doomed: bool = False  # discarded while pinned: never offered again, dropped when unpinned
+    indexed: bool = True  # False once dropped from the index; its slot is freed at the last unpin
 
 
 class BlockIndex:
@@ -37,7 +41,7 @@ class BlockIndex:
         if num_slots <= 0:
             raise ValueError(f"the CPU store needs at least one block slot, got {num_slots}")
         self.num_slots = num_slots
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._free = list(range(num_slots - 1, -1, -1))
         self.evictions = 0
 
@@ -51,32 +55,27 @@ class BlockIndex:
         """How many leading hashes are stored (a restore must be a contiguous prefix)."""
         n = 0
         for h in hashes:
-            entry = self._entries.get(h)
-            if entry is None or entry.doomed:
+            if h not in self._entries:
                 break
             n += 1
         return n
 
-    def pin(self, hashes: Sequence[bytes]) -> list[tuple[int, bool]]:
-        """Protect entries for a load; returns (slot, has_activations) and marks them recent."""
+    def pin(self, hashes: Sequence[bytes]) -> list[Entry]:
+        """Protect entries for a load and mark them recent; the caller unpins the returned entries."""
         out = []
         for h in hashes:
             entry = self._entries[h]
             entry.pins += 1
             self._entries.move_to_end(h)
-            out.append((entry.slot, entry.has_activations))
+            out.append(entry)
         return out
 
-    def lookup(self, hashes: Sequence[bytes]) -> list[tuple[int, bool]]:
-        return [(self._entries[h].slot, self._entries[h].has_activations) for h in hashes]
-
-    def unpin(self, hashes: Sequence[bytes]) -> None:
-        for h in hashes:
-            entry = self._entries.get(h)
-            if entry is not None and entry.pins > 0:
+    def unpin(self, entries: Iterable[Entry]) -> None:
+        for entry in entries:
+            if entry.pins > 0:
                 entry.pins -= 1
-                if entry.pins == 0 and entry.doomed:
-                    self._drop(h)
+                if entry.pins == 0 and not entry.indexed:
+                    self._free.append(entry.slot)
 
     def touch(self, block_hash: bytes) -> None:
         self._entries.move_to_end(block_hash)
@@ -89,7 +88,7 @@ class BlockIndex:
         if not self._free and not self._evict_one():
             return None
         slot = self._free.pop()
-        self._entries[block_hash] = _Entry(slot, has_activations)
+        self._entries[block_hash] = Entry(slot, has_activations)
         return slot
 
     def _evict_one(self) -> bool:
@@ -101,27 +100,24 @@ class BlockIndex:
         return False
 
     def _drop(self, block_hash: bytes) -> None:
-        self._free.append(self._entries.pop(block_hash).slot)
+        entry = self._entries.pop(block_hash)
+        entry.indexed = False
+        if entry.pins == 0:
+            self._free.append(entry.slot)
 
-    def discard(self, hashes: Sequence[bytes]) -> int:
-        """Drop these entries (bad copies); one that a load still reads goes when it is unpinned
-        and is no longer offered meanwhile. Returns how many entries were found."""
-        found = 0
-        for h in hashes:
-            entry = self._entries.get(h)
-            if entry is None:
-                continue
-            found += 1
-            if entry.pins:
-                entry.doomed = True
-            else:
-                self._drop(h)
-        return found
-
-    def clear(self) -> None:
-        """Drop every unpinned entry (vLLM's reset_prefix_cache)."""
-        for h in [h for h, e in self._entries.items() if e.pins == 0]:
+    def discard(self, hashes: Iterable[bytes]) -> int:
+        """Drop these entries (bad copies, or a cache reset): they are no longer offered and can be
+        stored again at once; the slot of one that a load still reads is freed when the load ends.
+        Returns how many entries were found."""
+        found = [h for h in dict.fromkeys(hashes) if h in self._entries]
+        for h in found:
             self._drop(h)
+        return len(found)
+
+    def clear(self) -> int:
+        """Drop every entry, as vLLM's own CPU offloading does on reset_prefix_cache (weights may
+        have changed: nothing stored before may be served after)."""
+        return self.discard(list(self._entries))
 
 
 def slots_for_budget(cpu_bytes: int, bytes_per_block: int) -> int:
