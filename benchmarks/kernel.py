@@ -1,8 +1,11 @@
 """Fused K/V recompute vs the unfused path vs the bare GEMM, at real layer shapes on one GPU.
 
-The unfused path is what the plugin would do without the kernel: one cuBLAS GEMM against the merged
-[W_k; W_v], RoPE on K in torch, then a paged-cache write. The bare GEMM is the floor both chase.
-Prints a markdown table (time ratios < 1 mean the fused kernel is faster) and writes JSON to --out.
+"recompute" is what the plugin runs (`recompute_kv(backend="triton")`): the faster, timed by the
+launcher itself, of its two ways, both also timed here: the one-pass Triton kernel (projection and
+epilogue in one kernel, tile autotuned) and the cuBLAS GEMM followed by the kernel's epilogue alone.
+The unfused path is what the plugin would do without Triton: one cuBLAS GEMM against the merged
+[W_k; W_v], RoPE on K in torch, then a paged-cache write. The bare GEMM is the floor all chase.
+Prints a markdown table (time ratios < 1 mean the recompute is faster) and writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], kv[0], kv[1], s["slot_mapping"], s["positions"], cos_sin,
                      backend="triton")
 
+    def way(mode: str) -> Callable[[dict, torch.Tensor], None]:
+        return lambda s, w: triton_recompute.recompute_kv_triton(
+            s["x"], w[:kv_dim], w[kv_dim:], kv[0], kv[1], s["slot_mapping"], s["positions"], cos_sin, True,
+            None, None, None, 1e-6, None, None, mode=mode)
+
     def gemm(s: dict, w: torch.Tensor) -> None:
         torch.mm(s["x"], w.t(), out=gemm_out)
 
@@ -87,24 +95,31 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         k = apply_rope(gemm_out[:, :kv_dim].view(T, heads, head), s["positions"], cos_sin, True)
         write(k, gemm_out[:, kv_dim:].view(T, heads, head), kv[0], kv[1], s["slot_mapping"])
 
-    # Correctness once per shape, before any timing: fused vs the torch backend (fp32 compute).
+    # Correctness once per shape, before any timing: each way vs the torch backend (fp32 compute).
     ref = torch.zeros_like(kv)
     s, w = inputs[0]
     tuner = triton_recompute._tuned_kernel
     tuner.configs_timings = None
-    fused(s, w)  # tunes this shape's key: every candidate is timed
+    picked = dict(triton_recompute._modes)
+    fused(s, w)  # tunes this shape's key (every candidate tile is timed), then times the two ways
     candidates = candidate_times(tuner.configs_timings)
+    (mode,) = [m for k, m in triton_recompute._modes.items() if k not in picked] or ["?"]
     recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], ref[0], ref[1], s["slot_mapping"], s["positions"], cos_sin,
                  backend="torch")
-    rel_err = ((kv.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert rel_err < 1e-2, f"{name} T={T}: fused vs torch rel error {rel_err:.2e}"
+    rel_err = {}
+    for m in ("fused", "split"):
+        kv.zero_()
+        way(m)(s, w)
+        rel_err[m] = ((kv.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel_err[m] < 1e-2, f"{name} T={T}: {m} vs torch rel error {rel_err[m]:.2e}"
     del ref
 
     def timed(fn: Callable[[dict, torch.Tensor], None]) -> float:
         cycle = itertools.cycle(inputs)
         return do_bench(lambda: fn(*next(cycle)), return_mode="median")
 
-    times = {"fused": timed(fused), "unfused": timed(unfused), "gemm": timed(gemm)}
+    times = {"fused": timed(fused), "one_pass": timed(way("fused")), "split": timed(way("split")),
+             "unfused": timed(unfused), "gemm": timed(gemm)}
     flops = 2 * T * hidden * 2 * kv_dim
     return {
         "shape": name, "hidden": hidden, "kv_heads": heads, "head_size": head, "T": T,
@@ -112,6 +127,7 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         **{f"{k}_tflops": flops / v / 1e9 for k, v in times.items()},
         "fused_over_gemm": times["fused"] / times["gemm"],
         "fused_over_unfused": times["fused"] / times["unfused"],
+        "mode": mode,
         "config": triton_recompute.config_name(tuner.best_config),
         "candidates_ms": candidates,
         "rel_err_vs_torch": rel_err,
@@ -126,11 +142,12 @@ def candidate_times(timings: dict | None) -> dict[str, float] | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape | T | fused ms | TFLOP/s | unfused ms | TFLOP/s | GEMM ms | TFLOP/s | fused/GEMM "
-             "| fused/unfused | tile |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| shape | T | recompute ms | TFLOP/s | way | one-pass ms | GEMM+epilogue ms | unfused ms | GEMM ms "
+             "| TFLOP/s | recompute/GEMM | recompute/unfused | one-pass tile |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['T']} | {r['fused_ms']:.3f} | {r['fused_tflops']:.0f} "
-                     f"| {r['unfused_ms']:.3f} | {r['unfused_tflops']:.0f} | {r['gemm_ms']:.3f} "
+        lines.append(f"| {r['shape']} | {r['T']} | {r['fused_ms']:.3f} | {r['fused_tflops']:.0f} | {r['mode']} "
+                     f"| {r['one_pass_ms']:.3f} | {r['split_ms']:.3f} | {r['unfused_ms']:.3f} | {r['gemm_ms']:.3f} "
                      f"| {r['gemm_tflops']:.0f} | {r['fused_over_gemm']:.2f} | {r['fused_over_unfused']:.2f} "
                      f"| {r['config']} |")
     return "\n".join(lines)
@@ -147,27 +164,29 @@ def main() -> None:
 
     writer_name, write = cache_writer(torch.device("cuda"))
     triton_recompute._tuned_kernel.cache_results = False  # tune here, so every candidate gets timed
-    rows = []
-    for name in args.shapes:
-        for T in args.tokens:
-            row = bench_shape(name, *SHAPES[name], T, write)
-            rows.append(row)
-            print(f"{name} T={T}: fused {row['fused_ms']:.3f} ms ({row['fused_tflops']:.0f} TFLOP/s), "
-                  f"GEMM {row['gemm_ms']:.3f} ms, unfused {row['unfused_ms']:.3f} ms, {row['config']}", flush=True)
-            for tile, ms in sorted((row["candidates_ms"] or {}).items(), key=lambda kv: kv[1])[:4]:
-                print(f"    {ms:.3f} ms  {tile}")
-            torch.cuda.empty_cache()
-
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "dtype": str(DTYPE), "block_size": BLOCK_SIZE, "layout": "FlashAttention [2, blocks, 16, H, D]",
             "rope": "neox, full head", "unfused_cache_write": writer_name,
             "unfused_rope": "torch (reference.apply_rope)",
             "timing": "triton.testing.do_bench median, L2 flushed per call, inputs rotated",
-            "ratios": "time ratios: < 1 means the fused kernel is faster"}
+            "ratios": "time ratios: < 1 means the recompute is faster"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nunfused = cuBLAS GEMM + torch RoPE + {writer_name}; {meta['device']}, bf16, "
-          f"TFLOP/s counts 2*T*hidden*N per projection; ratios are time ratios (<1: fused faster)\n")
+    rows = []
+    for name in args.shapes:
+        for T in args.tokens:
+            row = bench_shape(name, *SHAPES[name], T, write)
+            rows.append(row)
+            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))  # a cut-off run keeps its rows
+            print(f"{name} T={T}: recompute {row['fused_ms']:.3f} ms ({row['fused_tflops']:.0f} TFLOP/s, "
+                  f"{row['mode']}; one-pass {row['one_pass_ms']:.3f}, GEMM+epilogue {row['split_ms']:.3f}), "
+                  f"GEMM {row['gemm_ms']:.3f} ms, unfused {row['unfused_ms']:.3f} ms, {row['config']}", flush=True)
+            for tile, ms in sorted((row["candidates_ms"] or {}).items(), key=lambda kv: kv[1])[:4]:
+                print(f"    {ms:.3f} ms  {tile}")
+            torch.cuda.empty_cache()
+
+    print(f"\nrecompute = recompute_kv(backend='triton'), way = its pick (fused: one-pass kernel, split: cuBLAS GEMM "
+          f"+ epilogue); unfused = cuBLAS GEMM + torch RoPE + {writer_name}; {meta['device']}, bf16, "
+          f"TFLOP/s counts 2*T*hidden*N per projection; ratios are time ratios (<1: recompute faster)\n")
     print(markdown(rows))
 
 

@@ -34,13 +34,14 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 # A head-128 bf16 layer: Llama (neox RoPE) and Qwen3 (K-norm, bias, GPT-J RoPE here for coverage).
 VARIANTS = {"llama": {"HAS_KNORM": False, "NEOX": True}, "qwen3_gptj_bias": {"HAS_KNORM": True, "NEOX": False}}
 # What a real launch specializes on: 16-byte aligned pointers, these divisible by 16, unit last stride.
-DIVISIBLE = ("hidden", "stride_x", "stride_wk", "stride_wv", "stride_cs", "c_s0", "c_s1", "c_s2")
+DIVISIBLE = ("hidden", "stride_x", "stride_wk", "stride_wv", "stride_cs", "stride_y", "c_s0", "c_s1", "c_s2")
 
 
-def compile_sm90(config: triton.Config, flags: dict) -> dict:
+def compile_sm90(config: triton.Config, flags: dict, projected: bool) -> dict:
     kernel = triton_recompute._recompute_kv_kernel
     constexprs = dict(HEAD=128, HEAD_PAD=128, ROT_DIM=128, HAS_BK=flags["HAS_KNORM"], HAS_BV=flags["HAS_KNORM"],
-                      FP8_MAX=0.0, DOT_PRECISION="tf32", DOT_F32=False, c_s3=1, **flags, **config.kwargs)
+                      FP8_MAX=0.0, DOT_PRECISION="tf32", DOT_F32=False, c_s3=1, PROJECTED=projected, **flags,
+                      **config.kwargs)
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -71,9 +72,16 @@ def compile_sm90(config: triton.Config, flags: dict) -> dict:
 
 
 def compile_all() -> list[dict]:
-    return [{"index": index, "variant": variant, "config": triton_recompute.config_name(config),
-             **compile_sm90(config, flags)}
-            for index, config in enumerate(triton_recompute.TUNE_CONFIGS) for variant, flags in VARIANTS.items()]
+    """Every tuning candidate of the one-pass kernel (by index), then the epilogue that follows a cuBLAS
+    GEMM (index None) at its largest tile."""
+    epilogue = triton_recompute._epilogue_config(triton_recompute.SPLIT_ROWS)
+    warps, stages = epilogue.pop("num_warps"), epilogue.pop("num_stages")
+    runs = [(index, config, False) for index, config in enumerate(triton_recompute.TUNE_CONFIGS)]
+    runs.append((None, triton.Config(epilogue, num_warps=warps, num_stages=stages), True))
+    return [{"index": index, "variant": variant,
+             "config": triton_recompute.config_name(config) + (" epilogue" if projected else ""),
+             **compile_sm90(config, flags, projected)}
+            for index, config, projected in runs for variant, flags in VARIANTS.items()]
 
 
 def main() -> None:

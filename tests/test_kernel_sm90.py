@@ -41,3 +41,11 @@ def test_tuning_config_compiles_for_hopper(index: int, variant: str, compiled: d
     if config.kwargs["BLOCK_T"] >= 64 * max(1, config.num_warps // 4):
         assert usage["wgmma_n"] == [config.kwargs["HEADS"] * 128], f"{config}: wgmma N {usage['wgmma_n']}"
     assert usage["tma"] == config.kwargs["TMA"], f"{config}: TMA copies {usage['tma']}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_epilogue_after_cublas_compiles_for_hopper(variant: str, compiled: dict) -> None:
+    usage = compiled[(None, variant)]
+    assert usage["stack"] == 0, f"the epilogue spills to a {usage['stack']}-byte stack"
+    assert not usage["wgmma_n"] and not usage["tma"], "the epilogue alone must not multiply or use TMA"
+    assert usage["STG"] > 0

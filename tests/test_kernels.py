@@ -4,6 +4,7 @@ cases run the compiled kernel at real layer shapes."""
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, replace
 
@@ -149,8 +150,15 @@ def test_matches_reference(name: str, backend: str) -> None:
     check(CASES[name], backend, seed=zlib.crc32(name.encode()))
 
 
+def force_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Run the one-pass kernel ("fused") or cuBLAS + the kernel's epilogue ("split"), untimed."""
+    launcher = functools.partial(triton_recompute.recompute_kv_triton, mode=mode)
+    monkeypatch.setattr(triton_recompute, "recompute_kv_triton", launcher)
+
+
 def force_config(monkeypatch: pytest.MonkeyPatch, **config) -> None:
-    """Launch one given config instead of autotuning (or the interpreter's fixed config)."""
+    """Launch one given config of the one-pass kernel instead of autotuning (or the interpreter's fixed config)."""
+    force_mode(monkeypatch, "fused")
     fixed = triton_recompute._fixed_config
     monkeypatch.setattr(triton_recompute, "_fixed_config", lambda *a: {**fixed(*a), **config})
     monkeypatch.setattr(triton_recompute, "TUNE_MIN_T", 1 << 62)
@@ -161,6 +169,44 @@ def test_two_heads_per_program(name: str, monkeypatch: pytest.MonkeyPatch) -> No
     """The tile of two adjacent KV heads (tuning candidates for large T) on every case it divides."""
     force_config(monkeypatch, HEADS=2)
     check(CASES[name], "triton", seed=zlib.crc32(name.encode()) + 1)
+
+
+@pytest.mark.parametrize("rows", [triton_recompute.SPLIT_ROWS, 16], ids=["one_gemm", "chunks_of_16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_cublas_projection_then_epilogue(name: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split path: torch's GEMM (one for merged-QKV slices, two otherwise) into a workspace, then
+    the kernel with PROJECTED set; the workspace is reused for each chunk of `rows` tokens."""
+    force_mode(monkeypatch, "split")
+    monkeypatch.setattr(triton_recompute, "SPLIT_ROWS", rows)
+    check(CASES[name], "triton", seed=zlib.crc32(name.encode()) + 7)
+
+
+def test_merged_weight_is_one_view_only_when_v_follows_k() -> None:
+    w = torch.randn(3 * 64, 32)
+    merged = triton_recompute._merged_weight(w[64:128], w[128:])
+    assert merged is not None and merged.data_ptr() == w[64:].data_ptr() and torch.equal(merged, w[64:])
+    assert triton_recompute._merged_weight(w[128:], w[64:128]) is None  # V before K
+    assert triton_recompute._merged_weight(w[:64], w[128:]) is None  # a gap
+    assert triton_recompute._merged_weight(w[64:128].clone(), w[128:].clone()) is None  # two tensors
+
+
+def test_pick_mode_times_each_way_once_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    import triton.testing
+
+    calls = []
+
+    def way(name: str):
+        return lambda: calls.append(name)
+
+    fused, split = way("fused"), way("split")
+    ms = {fused: 2.0, split: 1.5}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: ms[fn])
+    monkeypatch.setattr(triton_recompute, "_modes", {})
+    assert triton_recompute._pick_mode(("a", 4096), fused, split) == "split"
+    assert calls == ["fused", "split"]  # compiled (and tuned) before timing
+    assert triton_recompute._pick_mode(("a", 4096), fused, split) == "split" and len(calls) == 2
+    ms[fused] = 1.0
+    assert triton_recompute._pick_mode(("a", 8192), fused, split) == "fused"
 
 
 def tma_applies(case: Case) -> bool:
@@ -227,7 +273,7 @@ def test_launcher_tells_the_autotuner_whether_tma_applies(rotary_dim: int, eligi
     inputs = make_inputs(case, seed=0)
     key_cache, value_cache = make_caches(case, inputs.pop("num_blocks"), torch.bfloat16)
     triton_recompute.recompute_kv_triton(**inputs, key_cache=key_cache, value_cache=value_cache, k_norm_eps=1e-6,
-                                         k_scale=None, v_scale=None)
+                                         k_scale=None, v_scale=None, mode="fused")
     assert [launch["tma_ok"] for launch in launches] == [eligible]
 
 
@@ -293,8 +339,12 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("mode", [None, "fused", "split"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_real_shapes(name: str) -> None:
+def test_gpu_real_shapes(name: str, mode: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways and the launcher's timed pick between them."""
+    if mode is not None:
+        force_mode(monkeypatch, mode)
     check(GPU_CASES[name], "triton", seed=zlib.crc32(name.encode()))
 
 

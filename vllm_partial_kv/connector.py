@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
 from vllm_partial_kv import capture, compat, planner
 from vllm_partial_kv.config import PartialKVConfig, parse_config
+from vllm_partial_kv.kernels import SPLIT_ROWS
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
 from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_budget
@@ -117,8 +118,10 @@ def kv_budget_with_activations(vllm_config, available: int) -> int:
 
 
 def _staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
-    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens."""
-    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token
+    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens, and
+    the workspace of the recompute's cuBLAS GEMM (one chunk of K and V)."""
+    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * shape.kv_bytes_per_token
+    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace
 
 
 def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> int:

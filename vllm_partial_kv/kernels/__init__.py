@@ -11,7 +11,11 @@ import torch
 
 from .reference import FP8_DTYPES, recompute_kv_torch
 
-__all__ = ["recompute_kv", "recompute_kv_torch"]
+__all__ = ["recompute_kv", "recompute_kv_torch", "SPLIT_ROWS"]
+
+# Tokens per cuBLAS GEMM when the Triton path projects with cuBLAS and runs only its epilogue: bounds
+# the GEMM's output workspace (SPLIT_ROWS x 2 x kv_dim) while keeping the GEMM near full speed.
+SPLIT_ROWS = 4096
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CACHE_DTYPES = _INPUT_DTYPES + FP8_DTYPES

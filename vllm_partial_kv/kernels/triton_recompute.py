@@ -11,19 +11,27 @@ nothing). RoPE separates each rotary pair with a register-level reshape + split:
 (i, i + rot/2) sit in the two halves of a head, GPT-J pairs (2i, 2i + 1) are adjacent; for
 partial-rotary neox the weight rows are loaded permuted so the pairs still land that way. This
 beats two half-width accumulators, which would halve the MMA N.
+
+The same kernel with PROJECTED set is the epilogue alone, reading K/V that a cuBLAS GEMM projected
+into a workspace: cuBLAS outruns Triton's own matmul on Hopper, and the epilogue is one pass over
+K/V. The launcher times both ways once per shape and token bucket and keeps the faster.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
+from . import SPLIT_ROWS
 from .reference import FP8_DTYPES
 
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Token tiles per L2 group: 8 tiles of X stay hot in L2 while every head's weights stream past.
 GROUP_T = tl.constexpr(8)
@@ -64,20 +72,48 @@ def _neox_partial_order(cols, ROT_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
                     tl.where((cols >= half) & (cols < half + r), cols - half + r, cols))
 
 
+@triton.jit
+def _project(x_ptr, w_ptr, T, hidden, num_kv_heads, stride_x, stride_w, pid_t, head0, offs_t, t_mask, w_row, n_mask,
+             HEAD: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """The [BLOCK_T, N] tile x[offs_t] @ w[w_row].T in fp32, K step by K step."""
+    if TMA:  # the program's weight rows are one box; rows past T and columns past hidden read as 0
+        x_desc = tl.make_tensor_descriptor(x_ptr, [T, hidden], [stride_x, 1], [BLOCK_T, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, [num_kv_heads * HEAD, hidden], [stride_w, 1], [N, BLOCK_K])
+    else:
+        x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x
+        w_rows = w_ptr + w_row[:, None] * stride_w
+    acc = tl.zeros([BLOCK_T, N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        if TMA:
+            xt = x_desc.load([pid_t * BLOCK_T, k0])
+            wt = w_desc.load([head0 * HEAD, k0])
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < hidden
+            xt = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_F32:  # the Triton interpreter multiplies bf16 operands as their raw uint16 bits
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 # Sizes that change call to call are not specialized on (divisibility, == 1): one binary per config.
-@triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "t_bucket", "tma_ok"])
+@triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "y_v_off", "t_bucket", "tma_ok"])
 def _recompute_kv_kernel(
-        x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr,
-        T, hidden, num_kv_heads, stride_x, stride_wk, stride_wv, stride_cs,
+        x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr, y_ptr,
+        T, hidden, num_kv_heads, stride_x, stride_wk, stride_wv, stride_cs, stride_y, y_v_off,
         c_s0, c_s1, c_s2, c_s3, block_size, k_scale, v_scale, eps,
         t_bucket, tma_ok,  # autotune keys only: tune per power-of-two bucket of T, and per TMA eligibility
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
         HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-        HEADS: tl.constexpr, TMA: tl.constexpr):
+        HEADS: tl.constexpr, TMA: tl.constexpr, PROJECTED: tl.constexpr):
     """One [BLOCK_T, HEADS * head] tile of K or V of HEADS adjacent KV heads per program. 1-D grid
     over (token tile, K/V x head group), grouped so GROUP_T token tiles share L2. K and V programs
-    share one main loop: only pointers differ, and the K-only epilogue sits behind a uniform branch."""
+    share one main loop: only pointers differ, and the K-only epilogue sits behind a uniform branch.
+    PROJECTED: no main loop; row t of K (V) is y[t * stride_y + k (+ y_v_off)], ready projected."""
     N: tl.constexpr = HEADS * HEAD_PAD
     pid = tl.program_id(0)
     num_t = tl.cdiv(T, BLOCK_T)
@@ -109,25 +145,12 @@ def _recompute_kv_kernel(
     n_mask = n_dims < HEAD
     w_row = (head0 + n // HEAD_PAD) * HEAD + n_dims  # weight (and bias) row of each tile column
 
-    if TMA:  # the program's weight rows are one box; rows past T and columns past hidden read as 0
-        x_desc = tl.make_tensor_descriptor(x_ptr, [T, hidden], [stride_x, 1], [BLOCK_T, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, [num_kv_heads * HEAD, hidden], [stride_w, 1], [N, BLOCK_K])
+    if PROJECTED:
+        y_rows = y_ptr + offs_t.to(tl.int64)[:, None] * stride_y + tl.where(is_k, 0, y_v_off)
+        acc = tl.load(y_rows + w_row[None, :], mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
     else:
-        x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x
-        w_rows = w_ptr + w_row[:, None] * stride_w
-    acc = tl.zeros([BLOCK_T, N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        if TMA:
-            xt = x_desc.load([pid_t * BLOCK_T, k0])
-            wt = w_desc.load([head0 * HEAD, k0])
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < hidden
-            xt = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_F32:  # the Triton interpreter multiplies bf16 operands as their raw uint16 bits
-            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+        acc = _project(x_ptr, w_ptr, T, hidden, num_kv_heads, stride_x, stride_w, pid_t, head0, offs_t, t_mask,
+                       w_row, n_mask, HEAD, N, BLOCK_T, BLOCK_K, TMA, DOT_PRECISION, DOT_F32)
 
     # Each bias load is masked off entirely in the other half of the grid (`n_mask & is_k` would read
     # better, but the interpreter turns bool & scalar-bool into ints).
@@ -254,6 +277,45 @@ def _tma_eligible(x: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, head_si
     return aligned and head_size == head_pad and not (is_neox and 0 < rotary_dim < head_size)
 
 
+def _merged_weight(w_k: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor | None:
+    """[W_k; W_v] as one view when W_v directly follows W_k in the same storage (vLLM's merged QKV
+    weight), so that one GEMM projects both."""
+    rows = w_k.shape[0]
+    same = w_k.untyped_storage().data_ptr() == w_v.untyped_storage().data_ptr()
+    if same and w_v.stride() == w_k.stride() and (
+            w_v.data_ptr() == w_k.data_ptr() + rows * w_k.stride(0) * w_k.element_size()):
+        return w_k.as_strided((2 * rows, w_k.shape[1]), w_k.stride())
+    return None
+
+
+def _epilogue_config(T: int) -> dict:
+    """The epilogue alone moves each value once: a small tile, nothing to tune. 16 values per thread
+    at head 128 (sm_90, Triton 3.6: 728 SASS instructions for Llama, 1160 for Qwen3, no spills; a 64-row
+    tile on 4 warps takes 2008 and 3216 and spills: benchmarks/kernel_sass.py)."""
+    block_t = 16 if T <= 16 else 32
+    return {"BLOCK_T": block_t, "BLOCK_K": 16, "HEADS": 1, "TMA": False, "num_warps": block_t // 4, "num_stages": 1}
+
+
+# (shape, dtypes, flags, T bucket) -> "fused" or "split", measured once per process.
+_modes: dict[tuple, str] = {}
+
+
+def _pick_mode(key: tuple, fused: Callable[[], None], split: Callable[[], None]) -> str:
+    """The faster way for this key, timed on first use like an autotuned tile (a few hundred ms)."""
+    mode = _modes.get(key)
+    if mode is None:
+        from triton.testing import do_bench
+
+        fused()  # compile, and tune the fused kernel's tile, before timing
+        split()
+        times = {"fused": do_bench(fused, return_mode="median"), "split": do_bench(split, return_mode="median")}
+        mode = _modes[key] = min(times, key=times.get)
+        logger.info("partial_kv: K/V recompute, up to %d tokens: one-pass kernel %.3f ms, cuBLAS GEMM + "
+                    "epilogue %.3f ms: using %s", key[-1], times["fused"], times["split"],
+                    "the one-pass kernel" if mode == "fused" else "cuBLAS GEMM + epilogue")
+    return mode
+
+
 def recompute_kv_triton(
     x: torch.Tensor,
     w_k: torch.Tensor,
@@ -270,21 +332,19 @@ def recompute_kv_triton(
     k_norm_eps: float,
     k_scale: float | None,
     v_scale: float | None,
+    mode: str | None = None,
 ) -> None:
-    """Launch the fused kernel; inputs are assumed validated (see `recompute_kv`)."""
+    """Launch the recompute; inputs are assumed validated (see `recompute_kv`). mode: "fused" (one
+    kernel), "split" (cuBLAS GEMM of at most SPLIT_ROWS tokens at a time into a workspace, then the
+    kernel's epilogue) or None: the faster of the two, measured once per shape and T bucket (the
+    interpreter runs "fused")."""
     T, hidden = x.shape
     _, block_size, num_kv_heads, head_size = key_cache.shape
+    kv_dim = num_kv_heads * head_size
     fp8 = key_cache.dtype in FP8_DTYPES
     rotary_dim = 0 if cos_sin_cache is None else cos_sin_cache.shape[1]
     head_pad = max(16, _next_pow2(head_size))
-    args = (
-        x, w_k, w_v, b_k, b_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, k_norm_weight,
-        T, hidden, num_kv_heads, x.stride(0), w_k.stride(0), w_v.stride(0),
-        0 if cos_sin_cache is None else cos_sin_cache.stride(0),
-        *key_cache.stride(),  # value_cache has the same strides (validated)
-        block_size, float(k_scale or 1.0), float(v_scale or 1.0), float(k_norm_eps),
-        _next_pow2(T), int(_tma_eligible(x, w_k, w_v, head_size, head_pad, rotary_dim, is_neox)),
-    )
+    tma_ok = int(_tma_eligible(x, w_k, w_v, head_size, head_pad, rotary_dim, is_neox))
     meta = {
         "HEAD": head_size,
         "HEAD_PAD": head_pad,
@@ -299,13 +359,49 @@ def recompute_kv_triton(
         "DOT_F32": INTERPRET and x.dtype == torch.bfloat16,
     }
 
-    def grid(m: dict) -> tuple[int]:
-        return (triton.cdiv(T, m["BLOCK_T"]) * 2 * (num_kv_heads // m["HEADS"]),)
+    def launch(kernel, rows: slice, y: torch.Tensor, stride_y: int, y_v_off: int, **config) -> None:
+        n = rows.stop - rows.start
+        kernel[lambda m: (triton.cdiv(n, m["BLOCK_T"]) * 2 * (num_kv_heads // m["HEADS"]),)](
+            x[rows], w_k, w_v, b_k, b_v, key_cache, value_cache, slot_mapping[rows], positions[rows],
+            cos_sin_cache, k_norm_weight, y,
+            n, hidden, num_kv_heads, x.stride(0), w_k.stride(0), w_v.stride(0),
+            0 if cos_sin_cache is None else cos_sin_cache.stride(0), stride_y, y_v_off,
+            *key_cache.stride(),  # value_cache has the same strides (validated)
+            block_size, float(k_scale or 1.0), float(v_scale or 1.0), float(k_norm_eps),
+            _next_pow2(n), tma_ok, **meta, **config)
+
+    def fused() -> None:
+        if INTERPRET or T < TUNE_MIN_T:
+            launch(_recompute_kv_kernel, slice(0, T), x, 0, 0, PROJECTED=False,
+                   **_fixed_config(T, head_pad, x.element_size()))
+        else:
+            launch(_tuned_kernel, slice(0, T), x, 0, 0, PROJECTED=False)
+
+    w_kv = _merged_weight(w_k, w_v)
+
+    def split() -> None:
+        chunk = min(T, SPLIT_ROWS)
+        y = torch.empty(chunk * 2 * kv_dim, dtype=x.dtype, device=x.device)
+        for t0 in range(0, T, chunk):
+            rows = slice(t0, min(T, t0 + chunk))
+            n = rows.stop - rows.start
+            if w_kv is not None:  # [n, K | V]
+                torch.mm(x[rows], w_kv.t(), out=y[: n * 2 * kv_dim].view(n, 2 * kv_dim))
+                stride_y, y_v_off = 2 * kv_dim, kv_dim
+            else:  # [K rows | V rows]
+                out = y[: n * 2 * kv_dim].view(2, n, kv_dim)
+                torch.mm(x[rows], w_k.t(), out=out[0])
+                torch.mm(x[rows], w_v.t(), out=out[1])
+                stride_y, y_v_off = kv_dim, n * kv_dim
+            launch(_recompute_kv_kernel, rows, y, stride_y, y_v_off, PROJECTED=True, **_epilogue_config(n))
 
     if x.is_cuda and not INTERPRET:  # TMA descriptors are built in a per-launch global scratch
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=x.device, dtype=torch.int8))
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        if INTERPRET or T < TUNE_MIN_T:
-            _recompute_kv_kernel[grid](*args, **meta, **_fixed_config(T, meta["HEAD_PAD"], x.element_size()))
-        else:
-            _tuned_kernel[grid](*args, **meta)
+        if mode is None:
+            key = (x.device, x.dtype, key_cache.dtype, key_cache.stride(), hidden, num_kv_heads, head_size,
+                   tuple(meta.items()), tma_ok, w_kv is not None, _next_pow2(T))
+            mode = "fused" if INTERPRET else _pick_mode(key, fused, split)
+        if mode not in ("fused", "split"):
+            raise ValueError(f"mode must be 'fused', 'split' or None, got {mode!r}")
+        (fused if mode == "fused" else split)()
