@@ -204,8 +204,8 @@ def _recompute_timer(
     seconds of one layer's K+V recompute of its first `tokens` rows into a paged cache."""
     heads, head, hidden, bs = shape.num_kv_heads, shape.head_size, shape.hidden_size, shape.block_size
     x = torch.randn(max_tokens, hidden, device=device).to(dtype)
-    w_k = (torch.randn(heads * head, hidden, device=device) * hidden**-0.5).to(dtype)
-    w_v = (torch.randn(heads * head, hidden, device=device) * hidden**-0.5).to(dtype)
+    # Adjacent slices of one weight, as in vLLM's merged QKV projection (one GEMM projects both).
+    w_k, w_v = (torch.randn(2 * heads * head, hidden, device=device) * hidden**-0.5).to(dtype).chunk(2)
     key_cache = torch.zeros(math.ceil(max_tokens / bs), bs, heads, head, dtype=dtype, device=device)
     value_cache = torch.zeros_like(key_cache)
     slots = positions = torch.arange(max_tokens, device=device)
