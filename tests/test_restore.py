@@ -76,10 +76,20 @@ def _scheduler_connector(llm):
     return _scheduler(llm).connector
 
 
-@pytest.mark.parametrize("arch,async_load", [(a, True) for a in ARCHS] + [("llama2", False)])
-def test_restored_kv_equals_original(arch, async_load, tiny_model, make_llm):
-    """Recomputed blocks hold the same K/V as the blocks vLLM wrote, for r = 0, middle, n."""
-    llm = make_llm(tiny_model(arch), kv_transfer_config=_connector_cfg(0.5, async_load=async_load))
+@pytest.mark.parametrize("arch,async_load,eager", [(a, True, True) for a in ARCHS] + [
+    ("llama2", False, True),
+    pytest.param("qwen3", True, False, id="qwen3-compiled", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="on a GPU every case runs compiled")),
+])
+def test_restored_kv_equals_original(arch, async_load, eager, tiny_model, make_llm):
+    """Recomputed blocks hold the same K/V as the blocks vLLM wrote, for r = 0, middle, n. On the CPU
+    the cases run eager, and one under vLLM's torch.compile: the capture op must survive it."""
+    from torch._dynamo.utils import counters
+
+    compiled = {} if eager else {"enforce_eager": False}
+    graphs = counters["stats"]["unique_graphs"]
+    llm = make_llm(tiny_model(arch), kv_transfer_config=_connector_cfg(0.5, async_load=async_load), **compiled)
+    assert eager or counters["stats"]["unique_graphs"] > graphs, "Dynamo traced no graph: the model was not compiled"
     worker = _worker()
     runtime = worker.runtime
     scheduler = _scheduler_connector(llm)
