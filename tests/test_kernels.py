@@ -209,6 +209,22 @@ def test_pick_mode_times_each_way_once_and_keeps_the_faster(monkeypatch: pytest.
     assert triton_recompute._pick_mode(("a", 8192), fused, split) == "fused"
 
 
+def test_pick_mode_leaves_out_a_way_that_fails(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import triton.testing
+
+    def broken() -> None:
+        raise RuntimeError("does not compile here")
+
+    works = lambda: None  # noqa: E731
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1.0)
+    monkeypatch.setattr(triton_recompute, "_modes", {})
+    assert triton_recompute._pick_mode(("b", 1), broken, works) == "split"
+    assert triton_recompute._pick_mode(("b", 2), works, broken) == "fused"
+    assert "recompute by the one-pass kernel failed" in caplog.text and "does not compile here" in caplog.text
+    with pytest.raises(RuntimeError, match="both ways"):
+        triton_recompute._pick_mode(("b", 4), broken, broken)
+
+
 def tma_applies(case: Case) -> bool:
     """What `_tma_eligible` asks of these cases (their strides and bases are all 16-byte aligned)."""
     return case.head_size & (case.head_size - 1) == 0 and not (case.rope == "neox" and case.rotary_dim)
