@@ -10,6 +10,11 @@ over fixed ratios and "auto" within one engine (the split is chosen per batch on
 
     python benchmarks/restore.py --out results/restore.json            # GPU: MHA-7B and GQA-8B
     python benchmarks/restore.py --smoke                               # CPU: tiny model, CI
+    python benchmarks/restore.py --replot results/restore.json         # table and plot again (matplotlib)
+
+The JSON and the table are rewritten after every engine, so a run cut off by a time limit keeps
+what it measured. The plot needs matplotlib, which the lent GPU machine lacks: plot there or later,
+with --replot, wherever matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -166,15 +171,28 @@ def parent(args) -> None:
         res["child_wall_s"] = round(time.time() - t0, 1)
         results.append(res)
         print(json.dumps(res), flush=True)
-    report = summarize(results)
-    print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"results": results, "device": _device()}, indent=1))
-        Path(args.out).with_suffix(".md").write_text(report)
-        plot(results, Path(args.out).with_suffix(".png"))
+        if args.out:
+            save(Path(args.out), {"results": results, "device": _device()})
+    print(summarize(results))
+    if args.out and not plot(results, Path(args.out).with_suffix(".png")):
+        print(f"no matplotlib here: plot with `python {Path(__file__).name} --replot {args.out}` where it is")
     if args.smoke and not results:
         sys.exit(1)
+
+
+def save(out: Path, data: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text(summarize(data["results"]))
+
+
+def replot(path: Path) -> None:
+    """Table and plot from a saved run (e.g. fetched from the GPU machine)."""
+    data = json.loads(path.read_text())
+    save(path, data)
+    if not plot(data["results"], path.with_suffix(".png")):
+        sys.exit(f"wrote {path.with_suffix('.md')}; the plot needs matplotlib (pip install matplotlib)")
+    print(f"wrote {path.with_suffix('.md')} and {path.with_suffix('.png')}")
 
 
 def _device() -> str:
@@ -203,14 +221,16 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path) -> bool:
+    """Restore extra time against the recomputed fraction, per shape, with native offload and the
+    planner's pick; False where matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
     native = {r["shape"]: r["cpu_hit_s"] - r["gpu_hit_s"] for r in results if r["system"] == "native"}
     for r in results:
@@ -230,6 +250,8 @@ def plot(results: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -246,6 +268,7 @@ def main() -> None:
                    help="partial recompute restores inside the step (async_load: false)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (CI)")
     p.add_argument("--out")
+    p.add_argument("--replot", type=Path, help="rewrite the table and plot of a saved --out JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -253,7 +276,9 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.seqs, args.tokens, args.cpu_gib, args.gpu_kv_gib, args.repeats = 2, 512, 0.25, 0.0625, 1
-    if args.child:
+    if args.replot:
+        replot(args.replot)
+    elif args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
     else:
         parent(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,4 +25,14 @@ def test_restore_benchmark_smoke(tmp_path):
     assert sweep["1.0"]["recompute_fraction"] == 1.0
     # Recomputing from activations moves fewer bytes for this multi-head model.
     assert sweep["1.0"]["bytes_to_device"] < sweep["0.0"]["bytes_to_device"]
-    assert (out.with_suffix(".md")).read_text().count("| tiny | partial |") == 6
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| tiny | partial |") == 6
+    # A saved run (e.g. fetched from the GPU machine, which has no matplotlib) plots again elsewhere.
+    out.with_suffix(".md").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "restore.py"), "--replot", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert out.with_suffix(".md").read_text() == table
+    if importlib.util.find_spec("matplotlib"):
+        assert proc.returncode == 0 and out.with_suffix(".png").stat().st_size > 0, proc.stderr
+    else:
+        assert proc.returncode == 1 and "pip install matplotlib" in proc.stderr
