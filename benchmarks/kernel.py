@@ -78,7 +78,7 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
     gemm_out = torch.empty(T, 2 * kv_dim, device=device, dtype=DTYPE)
     inputs = list(itertools.product(sets, w_kv))
 
-    def fused(s: dict, w: torch.Tensor) -> None:
+    def recompute(s: dict, w: torch.Tensor) -> None:  # what the plugin runs: the launcher's pick
         recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], kv[0], kv[1], s["slot_mapping"], s["positions"], cos_sin,
                      backend="triton")
 
@@ -101,7 +101,7 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
     tuner = triton_recompute._tuned_kernel
     tuner.configs_timings = None
     picked = dict(triton_recompute._modes)
-    fused(s, w)  # tunes this shape's key (every candidate tile is timed), then times the two ways
+    recompute(s, w)  # tunes this shape's key (every candidate tile is timed), then times the two ways
     candidates = candidate_times(tuner.configs_timings)
     (mode,) = [m for k, m in triton_recompute._modes.items() if k not in picked] or ["?"]
     recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], ref[0], ref[1], s["slot_mapping"], s["positions"], cos_sin,
@@ -118,7 +118,7 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         cycle = itertools.cycle(inputs)
         return do_bench(lambda: fn(*next(cycle)), return_mode="median")
 
-    times = {"fused": timed(fused), "one_pass": timed(way("fused")), "split": timed(way("split")),
+    times = {"fused": timed(recompute), "one_pass": timed(way("fused")), "split": timed(way("split")),
              "unfused": timed(unfused), "gemm": timed(gemm)}
     flops = 2 * T * hidden * 2 * kv_dim
     return {

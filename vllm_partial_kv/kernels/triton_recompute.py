@@ -226,6 +226,10 @@ TUNE_CONFIGS = [
     _config(128, 64, 8, 4, heads=2, tma=True),
 ]
 _MAX_N = 256  # wgmma's widest N
+_SMEM_BUDGET = 225 * 1024  # H100: 227 KiB of shared memory per block
+# fp32 accumulator registers per thread: ptxas (sm_90, Triton 3.6) spills nothing at 128 and
+# kilobytes at 256 (tests/test_kernel_sm90.py).
+_MAX_ACC_REGS = 128
 
 
 def config_name(config: triton.Config) -> str:
@@ -233,10 +237,6 @@ def config_name(config: triton.Config) -> str:
     k = config.kwargs
     return (f"T{k['BLOCK_T']} H{k['HEADS']} K{k['BLOCK_K']} w{config.num_warps} s{config.num_stages} "
             f"{'tma' if k['TMA'] else 'cp.async'}")
-_SMEM_BUDGET = 225 * 1024  # H100: 227 KiB of shared memory per block
-# fp32 accumulator registers per thread: ptxas (sm_90, Triton 3.6) spills nothing at 128 and
-# kilobytes at 256 (tests/test_kernel_sm90.py).
-_MAX_ACC_REGS = 128
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
