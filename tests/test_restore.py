@@ -240,9 +240,16 @@ def test_full_store_keeps_serving(tiny_model, make_llm):
     small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024)
     baseline = _conversations(make_llm(model, **small), 4, 3, sp)
     llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(1.0, cpu_bytes=6 << 20))
+    runtime, batches = _worker().runtime, []
+    store = runtime.store
+    runtime.store = lambda ids, slots, *a: (batches.append(list(slots)), store(ids, slots, *a))
     assert _conversations(llm, 4, 3, sp) == baseline
     scheduler_index = _scheduler_connector(llm).index
     assert scheduler_index.evictions > 0
+    # A step storing more blocks than the store has free slots must not evict its own earlier
+    # blocks: two copies into one slot in one batch run in no defined order on a GPU.
+    assert max(map(len, batches)) > scheduler_index.num_slots // 2
+    assert all(len(set(b)) == len(b) for b in batches), [b for b in batches if len(set(b)) < len(b)]
 
 
 def test_bad_config_is_rejected_at_startup(tiny_model, make_llm):
@@ -260,12 +267,14 @@ def test_no_room_for_the_store_is_a_clear_startup_error(tiny_model, make_llm, mo
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
 
 
-@pytest.mark.parametrize("async_load", [True, False])
-def test_failed_restore_costs_the_request_not_the_engine(async_load, tiny_model, make_llm):
+@pytest.mark.parametrize("async_load,policy", [(True, "recompute"), (False, "recompute"), (False, "fail")])
+def test_failed_restore_costs_the_request_not_the_engine(async_load, policy, tiny_model, make_llm):
     """A restore that raises is reported to vLLM as a KV load error: with the "recompute" policy
-    vLLM recomputes the blocks and the answer does not change; the engine keeps serving. The
-    failed entries are dropped (an asynchronous load is not retried forever), and so is what the
-    failing step stored after them (computed from unrestored K/V)."""
+    vLLM recomputes the blocks and the answer does not change; with "fail" only that request
+    fails; the engine keeps serving. The failed entries are dropped (an asynchronous load is not
+    retried forever), and so is what the failing step stored after them (computed from
+    unrestored K/V), also when vLLM has already failed the request (it does so before it tells
+    the connector which blocks failed)."""
     # Off the GPU (fp32) a non-peaked model, whose tokens depend on every block's K/V; in bf16 its
     # near-ties would flip between runs, so the GPU run checks with the peaked one.
     model = tiny_model("llama2", peaked=torch.cuda.is_available())
@@ -273,7 +282,7 @@ def test_failed_restore_costs_the_request_not_the_engine(async_load, tiny_model,
     longer = {"prompt_token_ids": prompt["prompt_token_ids"] + _prompt(4, 40)["prompt_token_ids"]}
     expected = [o.outputs[0].token_ids for o in make_llm(model).generate([prompt, longer], sp, use_tqdm=False)]
     cfg = _connector_cfg(0.5, async_load=async_load)
-    cfg.kv_load_failure_policy = "recompute"
+    cfg.kv_load_failure_policy = policy
     llm = make_llm(model, kv_transfer_config=cfg)
     runtime = _worker().runtime
     assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[0]
@@ -286,9 +295,16 @@ def test_failed_restore_costs_the_request_not_the_engine(async_load, tiny_model,
     for cache in runtime.kv_caches.values():  # so that unrecomputed blocks cannot pass as right
         cache.normal_(0, 10)
     # Restores the prompt's 6 blocks (fails) and, synchronously, computes and stores block 7.
-    assert llm.generate([longer], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[1]
+    out = llm.generate([longer], sp, use_tqdm=False)[0].outputs[0]
+    if policy == "recompute":
+        assert out.token_ids == expected[1]
+    else:
+        assert out.finish_reason == "error"
     assert _worker().totals.data["restore_failures"] == 1
     del runtime.load  # restores work again
+    if policy == "fail":  # the prompt's blocks computed again, on the GPU: only block 7 from the host
+        assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[0]
+        assert llm.generate([longer], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[1]
     llm.reset_prefix_cache()
     assert llm.generate([longer], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[1]
     (load,) = runtime.last_loads

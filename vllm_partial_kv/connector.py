@@ -177,6 +177,11 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             # GPU block -> hash of the block restored into it: its activation rows were never
             # written (restores write K/V only), so storing it again must not keep them.
             self._restored: dict[int, bytes] = {}
+            # Requests finished in the last two steps, with the step: vLLM fails a request whose
+            # synchronous restore failed before it tells the connector which blocks failed, and
+            # with async scheduling a step's outcome arrives after the next step is scheduled.
+            self._finished: list[tuple[int, _Request]] = []
+            self._steps = 0
             logger.info(
                 "partial_kv: %d host block slots (cpu_bytes=%d), activations %s, ratio %s",
                 self.num_slots, self.cfg.cpu_bytes, "kept" if self.with_act else "not kept",
@@ -219,6 +224,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> PartialKVMetadata:
         meta = PartialKVMetadata()
+        self._steps += 1
+        self._finished = [(step, s) for step, s in self._finished if self._steps - step < 2]
         scheduled = []
         for req_id, new_ids, resumed in yield_req_data(scheduler_output):
             state = self.reqs.get(req_id)
@@ -241,8 +248,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 if self.cfg.async_load:  # the restore writes them; vLLM the rest once scheduled
                     meta.new_block_ids += meta.loads[-1].block_ids
         self._to_load = []
+        fresh: list[Entry] = []  # this step's new entries: not evicted by its later blocks
         for req_id, state in scheduled:
-            self._plan_stores(req_id, state, scheduler_output, meta)
+            fresh += self._plan_stores(req_id, state, scheduler_output, meta)
+        self.index.unpin(fresh)
         loading = {spec.req_id for spec in meta.loads}
         meta.busy = any(r not in loading for r in scheduler_output.num_scheduled_tokens)
         meta.forward_tokens = scheduler_output.total_num_scheduled_tokens
@@ -282,22 +291,33 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         invalid = connector_output.invalid_block_ids
         if not invalid:
             return
-        failed = [self._restored.pop(b) for b in invalid if b in self._restored]
-        for state in self.reqs.values():
-            first = next((i for i, b in enumerate(state.block_ids) if b in invalid), None)
+        restored = {b: self._restored.pop(b) for b in invalid if b in self._restored}
+        failed = list(restored.values())
+        # Requests vLLM already finished (policy "fail") stored blocks after the failed ones too.
+        for state in [*self.reqs.values(), *(s for _, s in self._finished)]:
+            hashes = compat.request_block_hashes(state.request)
+            # The block a failed restore wrote, with this request's content (a preempted
+            # request's stale block ids may name a block since restored for another one).
+            first = next(
+                (i for i, (b, h) in enumerate(zip(state.block_ids, hashes)) if restored.get(b) == h), None
+            )
             if first is not None and first < state.stored_blocks:
-                failed += compat.request_block_hashes(state.request)[first : state.stored_blocks]
+                failed += hashes[first : state.stored_blocks]
                 state.stored_blocks = first
         dropped = self.index.discard(failed)
         logger.warning("partial_kv: dropped %d host blocks of failed restores", dropped)
 
-    def _plan_stores(self, req_id: str, state: _Request, scheduler_output, meta) -> None:
+    def _plan_stores(self, req_id: str, state: _Request, scheduler_output, meta) -> list[Entry]:
+        """Allocates host slots for the request's newly full blocks; returns their entries,
+        pinned, so that later blocks of the same step do not evict them (two copies into one
+        slot in one batch would race on the GPU)."""
         req = state.request
         done = req.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(req_id, 0)
         if self.cfg.offload_prompt_only:
             done = min(done, req.num_prompt_tokens)
         hashes = compat.request_block_hashes(req)
         full = min(done // self.block_size, len(hashes), len(state.block_ids))
+        fresh: list[Entry] = []
         for i in range(state.stored_blocks, full):
             if hashes[i] in self.index:
                 self.index.touch(hashes[i])
@@ -305,19 +325,24 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             block = state.block_ids[i]
             with_act = self.with_act and self._restored.get(block) != hashes[i]
             slot = self.index.allocate(hashes[i], with_act)
-            if slot is None:
-                break  # every slot pinned by loads in flight: skip, not an error
+            if slot is None:  # every slot pinned (loads in flight, this step's stores)
+                full = i  # not an error: stored in a later step if a slot frees up
+                break
+            fresh += self.index.pin([hashes[i]])
             meta.store_block_ids.append(block)
             meta.store_slots.append(slot)
             meta.store_act.append(with_act)
         state.stored_blocks = max(state.stored_blocks, full)
+        return fresh
 
     def request_finished(self, request, block_ids=None) -> tuple[bool, dict | None]:
         # An aborted request's load in flight keeps its pins until the worker reports it done
         # (vLLM keeps its blocks until then too).
         state = self.reqs.pop(request.request_id, None)
-        if state is not None and state.pinned:
+        if state is not None:
             self.index.unpin(state.pinned)
+            state.pinned = []
+            self._finished.append((self._steps, state))
         self._matched.pop(request.request_id, None)
         return False, None
 
