@@ -237,8 +237,12 @@ def test_full_cuda_graph_step_waits_for_the_whole_restore(rig):
 def test_a_skipped_wait_switches_to_whole_restores(rig, caplog):
     tl, rt, names = rig
     with caplog.at_level(logging.WARNING, logger="vllm_partial_kv.restore"):
-        _step(tl, rt, names, recompute_blocks=2, skip=names[2])
+        _step(tl, rt, names, recompute_blocks=2, skip=names[-1])
     assert not rt.layerwise and "without waiting" in caplog.text
+    # What follows that forward (its store into a slot the restore may read, later writes) is
+    # still ordered after the whole restore.
+    assert tl.before(("kv", names[-1]), ("store", names[0]))
+    assert tl.before(("rc", names[-1], 1), ("store", names[0]))
     _step(tl, rt, names, recompute_blocks=2)  # asks for layerwise, gets whole
     assert tl.before(("kv", names[-1]), ("read", names[0]))
     assert tl.before(("rc", names[-1], 1), ("read", names[0]))

@@ -355,8 +355,12 @@ class RestoreRuntime:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def finish_step(self) -> None:
-        """After the forward: catch forwards that skipped a layer's wait."""
+        """After the forward: catch forwards that skipped a layer's wait, and order what follows
+        (stores into slots the restore reads, vLLM's next writes) after those layers' restore."""
         if self._awaiting:
+            for event in self._awaiting.values():
+                if event is not None:  # None on the CPU: nothing runs beside the forward
+                    torch.cuda.current_stream(self.device).wait_event(event)
             logger.warning(
                 "partial_kv: the forward read %d restored layers without waiting for them "
                 "(first: %s); from now on the whole restore completes before the forward",
