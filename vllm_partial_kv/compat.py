@@ -50,14 +50,13 @@ def register_connector(name: str, module_path: str, class_name: str) -> None:
 
 
 def current_slot_mapping(layer_name: str) -> torch.Tensor | None:
-    """This step's slot mapping for an attention layer, or None outside a real forward
-    (memory profiling, dummy runs)."""
+    """This step's slot mapping for an attention layer, exactly when vLLM's own KV-cache update
+    has one: None outside a forward and in the memory-profiling run. Not tied to attention
+    metadata: vLLM captures piecewise CUDA graphs without it, from the persistent slot mapping
+    that later steps fill (dummy runs fill it with -1)."""
     if not is_forward_context_available():
         return None
-    ctx = get_forward_context()
-    if ctx.attn_metadata is None:
-        return None
-    slots = ctx.slot_mapping
+    slots = get_forward_context().slot_mapping
     if isinstance(slots, list):  # speculative decoding: [0] is the base model
         slots = slots[0] if slots else {}
     return slots.get(layer_name)
