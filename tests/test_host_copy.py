@@ -88,3 +88,19 @@ def test_rows_that_are_not_dense_are_refused() -> None:
     host = torch.empty_strided((4, BS, H, D), cache.stride())
     with pytest.raises(ValueError, match="not dense"):
         copy_rows_as_bytes(memmove, host, _idx([0]), cache, _idx([1]))
+
+
+@pytest.mark.parametrize("kv_cache_dtype,fp8", [
+    ("fp8", torch.float8_e4m3fn), ("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2),
+])
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_fp8_caches_allocated_as_bytes_are_viewed_as_fp8(layout: str, kv_cache_dtype: str, fp8) -> None:
+    """vLLM allocates fp8 KV caches as uint8: the kernel gets the fp8 views its backend reads,
+    over the same memory, or else it refused every fp8 cache."""
+    cache = torch.zeros_like(_layouts()[layout], dtype=torch.uint8)  # same physical order
+    k, v = compat.kv_cache_views(cache, NB, kv_cache_dtype)
+    assert k.dtype == v.dtype == fp8 and k.shape == (NB, BS, H, D)
+    k[1, 2, 0].fill_(1.0)
+    assert cache.view(fp8).float().sum() == D  # written through to the cache itself
+    with pytest.raises(ValueError, match="not plain fp8"):
+        compat.kv_cache_views(cache, NB, "fp8_per_token_head")

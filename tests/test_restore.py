@@ -76,19 +76,27 @@ def _scheduler_connector(llm):
     return _scheduler(llm).connector
 
 
-@pytest.mark.parametrize("arch,async_load,eager", [(a, True, True) for a in ARCHS] + [
-    ("llama2", False, True),
-    pytest.param("qwen3", True, False, id="qwen3-compiled", marks=pytest.mark.skipif(
+def _fp8_cache_available() -> bool:
+    return torch.cuda.is_available() or torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@pytest.mark.parametrize("arch,async_load,eager,kv_dtype", [(a, True, True, "auto") for a in ARCHS] + [
+    ("llama2", False, True, "auto"),
+    pytest.param("qwen3", True, False, "auto", id="qwen3-compiled", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="on a GPU every case runs compiled")),
+    pytest.param("llama2", True, True, "fp8", id="llama2-fp8", marks=pytest.mark.skipif(
+        not _fp8_cache_available(), reason="vLLM's CPU attention needs AVX-512 or AMX for fp8 caches")),
 ])
-def test_restored_kv_equals_original(arch, async_load, eager, tiny_model, make_llm):
+def test_restored_kv_equals_original(arch, async_load, eager, kv_dtype, tiny_model, make_llm):
     """Recomputed blocks hold the same K/V as the blocks vLLM wrote, for r = 0, middle, n. On the CPU
-    the cases run eager, and one under vLLM's torch.compile: the capture op must survive it."""
+    the cases run eager, and one under vLLM's torch.compile: the capture op must survive it. An
+    fp8 cache (vLLM allocates it as bytes) is compared as the fp8 numbers its backend reads."""
     from torch._dynamo.utils import counters
 
     compiled = {} if eager else {"enforce_eager": False}
     graphs = counters["stats"]["unique_graphs"]
-    llm = make_llm(tiny_model(arch), kv_transfer_config=_connector_cfg(0.5, async_load=async_load), **compiled)
+    llm = make_llm(tiny_model(arch), kv_transfer_config=_connector_cfg(0.5, async_load=async_load),
+                   kv_cache_dtype=kv_dtype, **compiled)
     assert eager or counters["stats"]["unique_graphs"] > graphs, "Dynamo traced no graph: the model was not compiled"
     worker = _worker()
     runtime = worker.runtime
@@ -126,11 +134,12 @@ def test_restored_kv_equals_original(arch, async_load, eager, tiny_model, make_l
         worst = 0.0
         for name in runtime.names:
             for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
-                restored = gpu[load.block_ids].double().cpu()
-                original = host[load.slots].double()
+                restored = _numbers(gpu[load.block_ids], kv_dtype).cpu()
+                original = _numbers(host[load.slots], kv_dtype)
                 err = (restored - original).norm() / original.norm()
                 worst = max(worst, err.item())
-        tol = 1e-3 if runtime.pool.kv[name][0].dtype == torch.float32 else 1e-2
+        dtype = runtime.pool.kv[name][0].dtype
+        tol = 1e-3 if dtype == torch.float32 else 1e-2 if dtype != torch.uint8 else 0.1
         assert worst < tol, f"ratio {ratio}: relative K/V error {worst}"
     # Corrupting one activation row must show up in the recomputed K/V: the check can fail.
     name = runtime.names[0]
@@ -139,8 +148,15 @@ def test_restored_kv_equals_original(arch, async_load, eager, tiny_model, make_l
     llm.generate([prompt], sp, use_tqdm=False)
     (load,) = runtime.last_loads
     gpu, host = runtime.gpu_views[name][0], runtime.pool.kv[name][0]
-    diff = (gpu[load.block_ids[0]].double().cpu() - host[load.slots[0]].double()).abs().max()
+    diff = (_numbers(gpu[load.block_ids[0]], kv_dtype).cpu() - _numbers(host[load.slots[0]], kv_dtype)).abs().max()
     assert diff > 1e-2
+
+
+def _numbers(t: torch.Tensor, kv_dtype: str) -> torch.Tensor:
+    """Cache contents as float64; fp8 caches (uint8 tensors) as the fp8 values they hold."""
+    if t.dtype == torch.uint8:
+        t = t.view(torch.float8_e5m2 if kv_dtype == "fp8_e5m2" else torch.float8_e4m3fn)
+    return t.double()
 
 
 def _watch_fences(llm) -> dict:

@@ -145,11 +145,24 @@ def num_blocks_of(kv_cache: torch.Tensor) -> int:
     return kv_cache.shape[0]
 
 
-def kv_cache_views(kv_cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_cache_views(
+    kv_cache: torch.Tensor, num_blocks: int, kv_cache_dtype: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """4-D [num_blocks, block_size, heads, head_size] views of K and V in the GPU layouts the
     Triton kernel writes into: FlashAttention in vLLM 0.26 packs K and V in the last dim
     ([blocks, heads, block_size, 2*head]); older FlashAttention keeps them apart ([2, blocks, ...])
-    and FlashInfer NHD interleaves them per block ([blocks, 2, ...])."""
+    and FlashInfer NHD interleaves them per block ([blocks, 2, ...]).
+
+    vLLM allocates fp8 caches as uint8 and its backends view them as fp8 (`kv_cache_dtype`, the
+    attention layer's setting, says which); other byte-sized modes (per-token-head scales, int8,
+    nvfp4) pack more than K and V and are refused."""
+    if kv_cache.dtype == torch.uint8:
+        if kv_cache_dtype not in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+            raise ValueError(f"KV cache dtype {kv_cache_dtype!r} is not plain fp8")
+        from vllm.platforms import current_platform
+
+        fp8 = torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2" else current_platform.fp8_dtype()
+        kv_cache = kv_cache.view(fp8)
     if kv_cache.dim() == 4 and kv_cache.shape[0] == num_blocks:
         head = kv_cache.shape[-1] // 2
         return (

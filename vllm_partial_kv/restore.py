@@ -383,8 +383,10 @@ class RestoreRuntime:
             from vllm_partial_kv.kernels import recompute_kv
 
             try:
-                k_view, v_view = compat.kv_cache_views(self.kv_caches[name], self.num_gpu_blocks)
-            except ValueError:
+                k_view, v_view = compat.kv_cache_views(
+                    self.kv_caches[name], self.num_gpu_blocks, attn.kv_cache_dtype
+                )
+            except ValueError:  # a layout or cache dtype the kernel does not write: vLLM's op does
                 use_triton = False
         if use_triton:
             rotary = spec.rotary_emb
