@@ -44,3 +44,44 @@ def test_nothing_written_outside_a_forward_or_without_slot_mapping(buf):
     with set_forward_context(None, VllmConfig()):  # memory-profiling run: no slot mapping
         torch.ops.partial_kv.capture(x, x, NAME)
     assert not buf.any()
+
+
+def _engine_config(model, **extra):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    kv = KVTransferConfig(kv_connector="PartialRecomputeConnector", kv_role="kv_both",
+                          kv_connector_extra_config={"recompute_ratio": 0.5})
+    return EngineArgs(model=str(model), kv_transfer_config=kv, block_size=32, max_model_len=2048,
+                      **extra).create_engine_config()
+
+
+@pytest.mark.parametrize("extra,reason", [
+    ({}, None),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}}, None),
+    ({"enable_lora": True}, "LoRA"),
+    ({"speculative_config": {"method": "draft_model", "model": "<tiny>", "num_speculative_tokens": 2}},
+     "draft model"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "architecture"),
+])
+def test_deployments_recompute_cannot_serve_offload_plain_kv(tiny_model, extra, reason, monkeypatch, caplog):
+    """Where the captured activations would not give back the served K/V (LoRA on the K/V
+    projection, a draft model's unhooked layers, an unknown architecture), the plugin keeps no
+    activations and says why, once."""
+    import logging
+
+    from vllm_partial_kv import connector
+
+    model = tiny_model("llama2")
+    archs = extra.pop("architectures", None)
+    if "speculative_config" in extra and "model" in extra["speculative_config"]:
+        extra["speculative_config"]["model"] = str(model)
+    cfg = _engine_config(model, **extra)
+    if archs:
+        cfg.model_config.hf_config.architectures = archs
+    monkeypatch.setattr(connector, "_warned_no_capture", set())
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_partial_kv.connector"):
+        wanted = [connector.activations_wanted(cfg) for _ in range(2)]
+    assert wanted == [reason is None] * 2
+    warnings = [r.getMessage() for r in caplog.records if "cannot recompute" in r.getMessage()]
+    assert len(warnings) == (reason is not None) and all(reason in w for w in warnings), warnings

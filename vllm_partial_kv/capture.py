@@ -114,9 +114,21 @@ def _hook(layer_name: str):
     return hook
 
 
-def model_supports_capture(hf_config, quantization: str | None) -> bool:
-    archs = set(getattr(hf_config, "architectures", None) or [])
-    return quantization is None and bool(archs) and archs <= SUPPORTED_ARCHITECTURES
+def why_not_captured(vllm_config) -> str | None:
+    """Why recomputing from this deployment's captured activations would not give back its K/V
+    (None when it would): the plugin then offloads plain K/V."""
+    mc = vllm_config.model_config
+    archs = set(getattr(mc.hf_config, "architectures", None) or [])
+    if getattr(mc, "quantization", None) is not None:
+        return f"its K/V projections are quantized ({mc.quantization})"
+    if not archs or not archs <= SUPPORTED_ARCHITECTURES:
+        return f"architecture {sorted(archs)} is not one of {sorted(SUPPORTED_ARCHITECTURES)}"
+    if getattr(vllm_config, "lora_config", None) is not None:
+        return "LoRA adapters may change the K/V projection of each request"
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is not None and (spec.use_eagle() or spec.uses_draft_model()):
+        return f"speculative decoding ({spec.method}) loads a draft model whose layers are not hooked"
+    return None
 
 
 def install(model: nn.Module, vllm_config) -> None:

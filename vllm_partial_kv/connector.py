@@ -70,7 +70,7 @@ def forward_ratio(hf_config, hidden: int, q_dim: int, kv_dim: int, tp: int = 1) 
     return (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + mlp / tp) / (2 * hidden * kv_dim)
 
 
-_warned_no_capture: set[str] = set()
+_warned_no_capture: set[str] = set()  # reasons already logged (both halves ask, each process)
 
 
 def activations_wanted(vllm_config) -> bool:
@@ -83,12 +83,11 @@ def activations_wanted(vllm_config) -> bool:
     if not uses_this_connector(vllm_config):
         return False
     cfg = parse_config(_extra_config(vllm_config))
-    mc = vllm_config.model_config
-    if not capture.model_supports_capture(mc.hf_config, getattr(mc, "quantization", None)):
-        arch = str(getattr(mc.hf_config, "architectures", "?"))
-        if cfg.recompute_ratio and arch not in _warned_no_capture:
-            _warned_no_capture.add(arch)
-            logger.warning("partial_kv: cannot capture activations of %s; offloading plain KV instead", arch)
+    reason = capture.why_not_captured(vllm_config)
+    if reason is not None:
+        if cfg.recompute_ratio != 0 and reason not in _warned_no_capture:
+            _warned_no_capture.add(reason)
+            logger.warning("partial_kv: cannot recompute from activations: %s; offloading plain KV instead", reason)
         return False
     if cfg.wants_activations is not None:
         return cfg.wants_activations
