@@ -46,12 +46,12 @@ def test_nothing_written_outside_a_forward_or_without_slot_mapping(buf):
     assert not buf.any()
 
 
-def _engine_config(model, **extra):
+def _engine_config(model, ratio=0.5, **extra):
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
     kv = KVTransferConfig(kv_connector="PartialRecomputeConnector", kv_role="kv_both",
-                          kv_connector_extra_config={"recompute_ratio": 0.5})
+                          kv_connector_extra_config={"recompute_ratio": ratio})
     return EngineArgs(model=str(model), kv_transfer_config=kv, block_size=32, max_model_len=2048,
                       **extra).create_engine_config()
 
@@ -85,3 +85,14 @@ def test_deployments_recompute_cannot_serve_offload_plain_kv(tiny_model, extra, 
     assert wanted == [reason is None] * 2
     warnings = [r.getMessage() for r in caplog.records if "cannot recompute" in r.getMessage()]
     assert len(warnings) == (reason is not None) and all(reason in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("kv_cache_dtype,wanted", [("auto", True), ("fp8", False)])
+def test_auto_mode_keeps_activations_only_when_smaller_than_the_cached_kv(tiny_model, kv_cache_dtype, wanted):
+    """A multi-head model's activations are half its K/V, but as large as an fp8 cache's K/V."""
+    from vllm_partial_kv import connector
+
+    cfg = _engine_config(tiny_model("llama2"), ratio="auto", kv_cache_dtype=kv_cache_dtype)
+    shape = connector.model_shape(cfg)
+    assert shape.kv_bytes_per_token == 2 * shape.act_bytes_per_token // (1 if wanted else 2)
+    assert connector.activations_wanted(cfg) is wanted

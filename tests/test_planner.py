@@ -160,6 +160,17 @@ def test_gqa_never_recomputes(profile_of):
     assert plan_split(GQA_8B, free, reqs) == [0, 0, 0]
 
 
+@pytest.mark.parametrize("profile_of", [h100, slow_gpu])
+def test_an_fp8_cache_makes_mha_stream_only(profile_of):
+    """An fp8 cache halves K/V bytes: a multi-head model's activations are then as large as its
+    K/V, so recomputing them cannot move fewer bytes (the profile is the bf16 model's)."""
+    fp8 = dataclasses.replace(MHA_7B, kv_dtype_bytes=1)
+    assert fp8.kv_bytes_per_token == fp8.act_bytes_per_token == 8192
+    reqs = [RestoreRequest(1024, 1024), RestoreRequest(5, 5)]
+    assert plan_split(fp8, profile_of(MHA_7B), reqs) == [0, 0]
+    assert plan_split(fp8, profile_of(MHA_7B), reqs, ratio=0.5) == [512, 3]  # a fixed ratio is honoured
+
+
 def test_slow_gpu_split_matches_closed_form():
     """x* = k / (c + k - a) from PAPER.md, per token per layer."""
     profile = slow_gpu(MHA_7B)
@@ -246,6 +257,8 @@ def test_recompute_throughput_extremes():
     reqs = [RestoreRequest(64, 64)]
     assert plan_split(MHA_7B, Profile(54.5e9), reqs) == [0]  # no points: cannot recompute
     assert plan_split(MHA_7B, Profile(54.5e9, ((256, math.inf),)), reqs) == [0]
+    unusable = Profile(54.5e9, ((256, math.inf), (4096, math.inf)))
+    assert unusable.recompute_seconds(2048) == math.inf and plan_split(MHA_7B, unusable, reqs) == [0]
     assert plan_split(MHA_7B, Profile(54.5e9, ((256, 0.0),)), reqs) == [64]
     assert plan_split(MHA_7B, Profile(54.5e9, ((256, 1e3),)), reqs) == [0]  # absurdly slow
 

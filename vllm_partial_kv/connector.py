@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
 from vllm_partial_kv import capture, compat, planner
 from vllm_partial_kv.config import PartialKVConfig, parse_config
@@ -51,7 +52,8 @@ def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShap
         hidden_size=hidden,
         num_kv_heads=kv_heads,
         head_size=head,
-        dtype_bytes=torch.tensor([], dtype=mc.dtype).element_size(),
+        dtype_bytes=mc.dtype.itemsize,
+        kv_dtype_bytes=kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, mc).itemsize,
         block_size=block_size or vllm_config.cache_config.block_size,
         forward_ratio=forward_ratio(
             mc.hf_text_config, hidden, mc.get_num_attention_heads(parallel) * head, kv_heads * head,
@@ -104,8 +106,6 @@ def kv_budget_with_activations(vllm_config, available: int) -> int:
         return available
     shape = model_shape(vllm_config)
     kv_per_token = shape.kv_bytes_per_token
-    if "fp8" in str(vllm_config.cache_config.cache_dtype):
-        kv_per_token //= shape.dtype_bytes
     staging = _staging_bytes(shape, parse_config(_extra_config(vllm_config)))
     kv = int(max(0, available - staging) * kv_per_token / (kv_per_token + shape.act_bytes_per_token))
     logger.info(
@@ -119,7 +119,8 @@ def kv_budget_with_activations(vllm_config, available: int) -> int:
 def _staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
     """The restore runtime's two GPU staging buffers for the activations of recomputed tokens, and
     the workspace of the recompute's cuBLAS GEMM (one chunk of K and V)."""
-    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * shape.kv_bytes_per_token
+    k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes  # the GEMM's dtype
+    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
     return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace
 
 

@@ -36,9 +36,14 @@ class ModelShape:
     block_size: int
     forward_ratio: float = 0.0
     """A layer's forward GEMM work per token in units of its K/V projection's (0: unknown)."""
+    kv_dtype_bytes: int | None = None
+    """Bytes per K/V element in the cache when it differs from the model's (fp8 caches: 1)."""
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_kv_heads", "head_size", "dtype_bytes", "block_size"):
+        if self.kv_dtype_bytes is None:
+            object.__setattr__(self, "kv_dtype_bytes", self.dtype_bytes)
+        for name in ("num_layers", "hidden_size", "num_kv_heads", "head_size", "dtype_bytes", "block_size",
+                     "kv_dtype_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
         if not (self.forward_ratio >= 0 and math.isfinite(self.forward_ratio)):
@@ -47,7 +52,7 @@ class ModelShape:
     @property
     def kv_bytes_per_token(self) -> int:
         """K and V of one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_size * self.dtype_bytes
+        return 2 * self.num_kv_heads * self.head_size * self.kv_dtype_bytes
 
     @property
     def act_bytes_per_token(self) -> int:
@@ -99,6 +104,8 @@ class Profile:
         prev_t, prev_s = 0, 0.0
         for t, s in self.recompute_points:
             if tokens <= t:
+                if math.isinf(s):  # not inf - inf
+                    return math.inf
                 return prev_s + (s - prev_s) * (tokens - prev_t) / (t - prev_t)
             prev_t, prev_s = t, s
         return tokens * prev_s / prev_t
@@ -212,6 +219,9 @@ def plan_split(
     if profile.h2d_bytes_per_s <= 0:  # nothing can stream: recompute all that is recomputable
         total = max_total if math.isfinite(profile.recompute_seconds(shape.block_size)) else 0
         return _fill(caps, total)
+    if shape.act_bytes_per_token >= shape.kv_bytes_per_token:
+        # Activations no smaller than K/V (GQA, fp8 caches): recompute cannot move fewer bytes.
+        return [0] * len(requests)
     total = _best_total(shape, profile, sum(q.num_blocks for q in requests), max_total, forward_s)
     return _fill(caps, total)
 
