@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -107,13 +108,16 @@ def test_cache_round_trip(tmp_path, fake, caplog):
 
 def test_key_changes_with_shape_dtype_backend_and_version(tmp_path, fake, monkeypatch):
     load(tmp_path)
-    load(tmp_path, shape=ModelShape(3, 256, 4, 64, 4, 16))
+    load(tmp_path, shape=dataclasses.replace(TINY, kv_dtype_bytes=1))  # an fp8 cache copies less
     load(tmp_path, dtype=torch.bfloat16)
     load(tmp_path, with_load=True)  # the busy-GPU profile is a measurement of its own
     load(tmp_path, kernel="torch")  # another recompute backend
     assert fake.calls == 5 and len(list(tmp_path.glob("*.json"))) == 5
     load(tmp_path)
     load(tmp_path, with_load=True)
+    # What the model adds to the measurement (the server's layer count and forward work, which
+    # `vllm-partial-kv profile` also knows) is no reason to measure again.
+    load(tmp_path, shape=dataclasses.replace(TINY, num_layers=40, forward_ratio=5.0))
     assert fake.calls == 5
     monkeypatch.setattr(profiler, "__version__", "99.0")  # a new plugin version re-measures
     load(tmp_path)
@@ -123,15 +127,16 @@ def test_key_changes_with_shape_dtype_backend_and_version(tmp_path, fake, monkey
 def test_corrupt_cache_is_measured_again(tmp_path, fake, caplog):
     load(tmp_path)
     (path,) = tmp_path.glob("*.json")
-    bad_profile = json.dumps({"key": json.loads(path.read_text())["key"], "profile": {"h2d_bytes_per_s": -5}})
-    for garbage in ("{not json", "[]", bad_profile):
+    key = json.loads(path.read_text())["key"]
+    bad_profile = json.dumps({"key": key, "profile": {"h2d_bytes_per_s": -5}})
+    for garbage in ("{not json", "[]", bad_profile, json.dumps({"key": key, "profile": []})):
         path.write_text(garbage)
         with caplog.at_level(logging.WARNING, logger=profiler.__name__):
             load(tmp_path)
         assert "re-measuring" in caplog.text
         caplog.clear()
         assert Profile.from_dict(json.loads(path.read_text())["profile"])  # repaired on disk
-    assert fake.calls == 4
+    assert fake.calls == 5
 
 
 def test_default_cache_dir_from_environment(tmp_path, fake, monkeypatch):

@@ -438,3 +438,17 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model,
     assert _run_until_idle(engine, "after") == expected
     assert not scheduler._in_flight
     assert all(e.pins == 0 for e in scheduler.index._entries.values())
+
+
+def test_the_cli_profile_is_the_one_the_server_loads(tiny_model, make_llm, tmp_path, monkeypatch):
+    """`vllm-partial-kv profile` (same flags as the server) measures ahead of serving what the
+    connector would measure at start-up: the server then finds both profiles and measures nothing."""
+    from vllm_partial_kv.cli import main
+
+    monkeypatch.setenv("VLLM_PARTIAL_KV_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama2")
+    assert main(["profile", str(model), "--device", "cpu", "--block-size", "32", "--dtype", "float32"]) == 0
+    measured = {p: p.stat().st_mtime_ns for p in tmp_path.glob("profile-*.json")}
+    assert len(measured) == 2  # idle and busy
+    make_llm(model, kv_transfer_config=_connector_cfg("auto"))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("profile-*.json")} == measured

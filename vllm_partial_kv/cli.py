@@ -76,13 +76,15 @@ def _build_parser() -> _Parser:
     p.add_argument("--hidden", type=_positive_int, default=256, help="a multiple of 64")
 
     p = command("profile", "measure (or show the cached) copy and recompute rates", _profile)
-    p.add_argument("model", help="model directory (its config.json gives the shape)")
+    p.add_argument("model", help="model directory (vLLM reads its config as `vllm serve` would)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
-                   default="auto", help="KV dtype (auto: the model's)")
-    p.add_argument("--block-size", type=_positive_int, default=None,
-                   help="default: vLLM's (16 on cuda, 128 on cpu)")
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="as for vllm serve")
+    p.add_argument("--kv-cache-dtype", default="auto", help="as for vllm serve (fp8 halves K/V bytes)")
+    p.add_argument("--block-size", type=_positive_int, default=None, help="as for vllm serve")
+    p.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
+                   help="as for vllm serve: each GPU holds and restores its share of the KV heads")
     p.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
 
     command("demo", "tiny model + server + multi-turn chats whose KV is restored", _demo)
@@ -182,45 +184,40 @@ def _make_tiny_model(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _profile(args: argparse.Namespace, extra: list[str]) -> int:
+    """Measures what the server's connector would (idle and busy profiles of the served shape, as
+    vLLM resolves it from the same flags), into the cache the server reads at start-up."""
     _check_model(args.model)
-    import torch  # lazily: torch and transformers take seconds to import
-    from transformers import AutoConfig
+    import torch  # lazily: torch and vLLM take seconds to import
 
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_partial_kv.connector import model_shape
     from vllm_partial_kv.kernels import recompute_kv
-    from vllm_partial_kv.planner import ModelShape
     from vllm_partial_kv.profiler import format_profile, load_or_measure
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA device is visible")
+    kv = KVTransferConfig(kv_connector="PartialRecomputeConnector", kv_role="kv_both")
     try:
-        cfg = AutoConfig.from_pretrained(args.model)
-    except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0]
-        raise CliError(f"cannot read the config of {args.model!r}: {first}") from None
-    text_cfg = cfg.get_text_config()
-    dtype = _config_dtype(text_cfg) if args.dtype == "auto" else getattr(torch, args.dtype)
-    heads = text_cfg.num_attention_heads
-    shape = ModelShape(
-        num_layers=text_cfg.num_hidden_layers,
-        hidden_size=text_cfg.hidden_size,
-        num_kv_heads=getattr(text_cfg, "num_key_value_heads", None) or heads,
-        head_size=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads,
-        dtype_bytes=dtype.itemsize,
-        block_size=args.block_size or (16 if device == "cuda" else 128),
+        vllm_config = EngineArgs(
+            model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+            block_size=args.block_size, tensor_parallel_size=args.tensor_parallel_size,
+            kv_transfer_config=kv,
+        ).create_engine_config()
+    except Exception as exc:  # vLLM's own message says what is wrong with the model or a flag
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CliError(f"vLLM cannot configure {args.model!r}: {first}") from None
+    shape, dtype = model_shape(vllm_config), vllm_config.model_config.dtype
+    idle, busy = (
+        load_or_measure(shape, device=device, recompute_fn=recompute_kv, dtype=dtype,
+                        refresh=args.refresh, with_load=with_load)
+        for with_load in (False, True)
     )
-    profile = load_or_measure(shape, device=device, recompute_fn=recompute_kv, dtype=dtype,
-                              refresh=args.refresh)
-    print(format_profile(profile, shape))
+    print(format_profile(idle, shape))
+    print(f"  beside other requests' work (asynchronous restores): recompute {busy.busy_factor:.2f}x slower")
     return 0
-
-
-def _config_dtype(cfg):
-    """The checkpoint's dtype (transformers 5 says `dtype`, 4.x `torch_dtype`)."""
-    import torch
-
-    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.bfloat16
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _demo(args: argparse.Namespace, extra: list[str]) -> int:

@@ -7,7 +7,6 @@ events; on a CPU the "device" copy is a memcpy and sizes are capped so profiling
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -33,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "VLLM_PARTIAL_KV_CACHE_DIR"
 DEFAULT_TOKEN_COUNTS = (256, 1024, 4096, 16384)
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
+# The shape fields a measurement depends on (layer count and forward_ratio only enter the model).
+_MEASURED_FIELDS = ("hidden_size", "num_kv_heads", "head_size", "dtype_bytes", "kv_dtype_bytes", "block_size")
 _GPU_COPY_BYTES = 256 << 20
 _CPU_COPY_BYTES = 4 << 20
 _CPU_MAX_FLOP = 1e9  # largest recompute call on a CPU: well under 0.1 s on two idle cores
@@ -93,7 +94,7 @@ def load_or_measure(
                 logger.info("partial_kv: loaded profile from %s", path)
                 return profile
             logger.info("partial_kv: profile %s was made for %s, re-measuring", path, data["key"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.warning("partial_kv: profile cache %s is unreadable (%s), re-measuring", path, exc)
     started = time.perf_counter()
     profile = measure_profile(
@@ -269,7 +270,7 @@ def _cache_key(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> d
         "stack": stack,
         "torch": torch.__version__,
         "plugin": __version__,  # a new kernel version is a new measurement
-        "shape": dataclasses.asdict(shape),
+        "shape": {name: getattr(shape, name) for name in _MEASURED_FIELDS},
         "dtype": str(dtype),
     }
 
