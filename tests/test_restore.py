@@ -271,6 +271,8 @@ def test_full_store_keeps_serving(tiny_model, make_llm):
 def test_bad_config_is_rejected_at_startup(tiny_model, make_llm):
     with pytest.raises(Exception, match="recompute_ratio"):
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(1.5))
+    with pytest.raises(Exception, match="max_recompute_tokens=16 is less than one block"):
+        make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5, max_recompute_tokens=16))
     with pytest.raises(Exception, match="unknown kv_connector_extra_config"):
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5, bogus=1))
 

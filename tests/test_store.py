@@ -100,10 +100,14 @@ def test_config_defaults_and_errors():
         {"async_load": 1},
         {"kernel": "cuda"},
         {"max_recompute_tokens": 0},
+        {"cpu_bytes": float("inf")},  # vLLM's JSON parsing accepts Infinity
+        {"max_recompute_tokens": "inf"},
+        {"profile_cache_dir": 3},
         {"cpu_byte": 1},
     ):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=next(iter(bad))):  # the message names the key
             parse_config(bad)
+    assert parse_config({"profile_cache_dir": None}).profile_cache_dir is None  # null: the default
 
 
 def test_no_room_is_a_clear_error(monkeypatch):

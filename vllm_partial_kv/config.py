@@ -64,8 +64,10 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
         if extra["kernel"] not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernel must be auto, triton or torch, got {extra['kernel']!r}")
         out["kernel"] = extra["kernel"]
-    if "profile_cache_dir" in extra:
-        out["profile_cache_dir"] = str(extra["profile_cache_dir"])
+    if extra.get("profile_cache_dir") is not None:  # null: the default
+        if not isinstance(extra["profile_cache_dir"], str) or not extra["profile_cache_dir"]:
+            raise ConfigError(f"profile_cache_dir must be a directory path, got {extra['profile_cache_dir']!r}")
+        out["profile_cache_dir"] = extra["profile_cache_dir"]
     return PartialKVConfig(**out)
 
 
@@ -74,7 +76,7 @@ def _positive_int(name: str, value: Any) -> int:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     try:
         number = int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
         raise ConfigError(f"{name} must be a positive integer, got {value!r}") from None
     if number <= 0 or number != float(value):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -24,7 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
 from vllm_partial_kv import capture, compat, planner
-from vllm_partial_kv.config import PartialKVConfig, parse_config
+from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
 from vllm_partial_kv.kernels import SPLIT_ROWS
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
@@ -165,6 +165,11 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         self.cfg = parse_config(_extra_config(vllm_config))
         self.with_act = activations_wanted(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
+        if self.with_act and self.cfg.max_recompute_tokens < self.block_size:
+            raise ConfigError(
+                f"max_recompute_tokens={self.cfg.max_recompute_tokens} is less than one block "
+                f"({self.block_size} tokens): nothing could be recomputed; raise it or set recompute_ratio 0"
+            )
         self.is_scheduler = role == compat.KVConnectorRole.SCHEDULER
         self.runtime: RestoreRuntime | None = None  # worker half, once KV caches exist
         if self.is_scheduler:
