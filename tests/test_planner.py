@@ -171,6 +171,23 @@ def test_an_fp8_cache_makes_mha_stream_only(profile_of):
     assert plan_split(fp8, profile_of(MHA_7B), reqs, ratio=0.5) == [512, 3]  # a fixed ratio is honoured
 
 
+def test_without_overlap_the_costs_add_up():
+    """The CPU runtime copies, then recomputes, layer after layer: there recompute pays only if it
+    costs less than the copy it saves, which the overlapped pipeline's model would not see."""
+    overlapped = slow_gpu(MHA_7B)
+    serial = dataclasses.replace(overlapped, overlap=False)
+    reqs = [RestoreRequest(256, 256)]
+    (r,) = plan_split(MHA_7B, overlapped, reqs)
+    assert r > 0
+    t_x = serial.copy_seconds(r * 16 * MHA_7B.act_bytes_per_token)
+    t_kv = serial.copy_seconds((256 - r) * 16 * MHA_7B.kv_bytes_per_token)
+    t_c = serial.recompute_seconds(r * 16)
+    assert restore_time(MHA_7B, serial, r * 16, (256 - r) * 16) == pytest.approx(32 * (t_x + t_kv + t_c))
+    assert plan_split(MHA_7B, serial, reqs) == [0]  # 2.2 ns/token of recompute saves 0.3 ns of copy
+    fast = dataclasses.replace(serial, recompute_points=((4096, 4096 * 1e-11),))  # 0.01 ns/token
+    assert plan_split(MHA_7B, fast, reqs) == [256]
+
+
 def test_slow_gpu_split_matches_closed_form():
     """x* = k / (c + k - a) from PAPER.md, per token per layer."""
     profile = slow_gpu(MHA_7B)
@@ -290,6 +307,7 @@ def scenarios(draw):
         recompute_points=tuple((t, t * draw(st.floats(1e-11, 1e-5))) for t in tokens),
         copy_latency_s=draw(st.sampled_from([0.0, 2e-6, 1e-4])),
         busy_factor=draw(st.floats(1.0, 4.0)),
+        overlap=draw(st.sampled_from([True, True, False])),
     )
     sizes = draw(st.lists(st.integers(0, 200), max_size=6))
     requests = [RestoreRequest(n, draw(st.integers(0, n))) for n in sizes]

@@ -14,7 +14,8 @@ t_c = busy_factor * recompute_curve(R), and f the forward's time per layer. The 
 the forward share the compute units, so they are modelled as one queue: recompute(l) after
 forward(l-1). The step ends when the forward finishes layer L-1 (with f = 0: when the restore
 does). An asynchronous restore runs beside other requests' steps instead: f = 0 and the busy
-profile's factor stands for them.
+profile's factor stands for them. Where nothing overlaps (`Profile.overlap` False: the CPU runtime
+copies and recomputes one after the other), a layer costs t_x + t_kv + t_c + f.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Profile:
     copy_latency_s: float = 0.0
     busy_factor: float = 1.0
     device: str = ""
+    overlap: bool = True
+    """Copies run beside the recompute (a GPU's copy engine); False where the runtime runs them one
+    after the other (the CPU)."""
 
     def __post_init__(self) -> None:
         bw = float(self.h2d_bytes_per_s)
@@ -125,6 +129,7 @@ class Profile:
             "copy_latency_s": self.copy_latency_s,
             "busy_factor": self.busy_factor,
             "device": self.device,
+            "overlap": self.overlap,
         }
 
     @classmethod
@@ -135,6 +140,7 @@ class Profile:
             copy_latency_s=float(d.get("copy_latency_s", 0.0)),
             busy_factor=float(d.get("busy_factor", 1.0)),
             device=str(d.get("device", "")),
+            overlap=bool(d.get("overlap", True)),
         )
 
 
@@ -172,6 +178,8 @@ def restore_time(
     t_c = profile.busy_factor * profile.recompute_seconds(recompute_tokens)
     if math.isinf(t_x + t_kv + t_c + forward_s):
         return math.inf
+    if not profile.overlap:  # each layer's copies, then its recompute, then (if any) its forward
+        return shape.num_layers * (t_x + t_kv + t_c + forward_s)
     copy_end = rc_prev = rc_prev2 = fw_prev = 0.0  # rc_*: recompute end of layers l-1 and l-2
     for done in range(1, shape.num_layers + 1):
         x_end = max(copy_end, rc_prev2) + t_x

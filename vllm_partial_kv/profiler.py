@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "VLLM_PARTIAL_KV_CACHE_DIR"
 DEFAULT_TOKEN_COUNTS = (256, 1024, 4096, 16384)
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 # The shape fields a measurement depends on (layer count and forward_ratio only enter the model).
 _MEASURED_FIELDS = ("hidden_size", "num_kv_heads", "head_size", "dtype_bytes", "kv_dtype_bytes", "block_size")
 _GPU_COPY_BYTES = 256 << 20
@@ -150,7 +150,8 @@ def _measure(
             loaded = [recompute(t) for t in token_counts]
         ratios = [b / i for b, i in zip(loaded, idle) if i > 0]
         busy = max(1.0, statistics.median(ratios)) if ratios else 1.0
-    return Profile(bandwidth, tuple(zip(token_counts, idle)), latency, busy, _device_name(device))
+    return Profile(bandwidth, tuple(zip(token_counts, idle)), latency, busy, _device_name(device),
+                   overlap=device.type == "cuda")  # the CPU runtime copies, then recomputes
 
 
 def _cpu_token_counts(shape: ModelShape, token_counts: Sequence[int]) -> list[int]:
