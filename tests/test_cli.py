@@ -69,6 +69,8 @@ def test_serve_without_offload_passes_user_connector_through(tmp_path, capsys):
     ["serve", "--max-model-len", "4096", "{model}", "--kv-offload", "none"],
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-offload-size", "0"],
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-offload-size", "nan"],
+    ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-offload-size", "1e-12"],
+    ["profile", "{model}", "--tensor-parallel-size", "0"],
     ["serve", "{model}", "--kv-offload", "none", "--recompute-ratio", "0.5"],
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-transfer-config", "{}"],
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-transfer-config={}"],

@@ -145,6 +145,8 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         raise CliError("--kv-offload partial-recompute sets --kv-transfer-config itself; "
                        "use --kv-offload none to pass your own")
     gib = DEFAULT_OFFLOAD_GIB if args.kv_offload_size is None else args.kv_offload_size
+    if int(gib * 2**30) < 2**20:
+        raise CliError(f"--kv-offload-size {gib} GiB is less than 1 MiB: too small for any model's block")
     config = {
         "kv_connector": CONNECTOR_NAME,
         "kv_role": "kv_both",
