@@ -323,7 +323,7 @@ def test_a_triton_kernel_that_fails_falls_back_to_vllms_modules(monkeypatch, cap
     written = []
     impl = SimpleNamespace(do_kv_cache_update=lambda attn, k, v, cache, slots: written.append((k, v)))
     spec = SimpleNamespace(
-        attn=SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD, impl=impl),
+        attn=SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD, impl=impl, kv_cache_dtype="auto"),
         has_dense_weight=True, w_k=w[:kv_dim], w_v=w[kv_dim:], biases=lambda: (None, None),
         k_norm=None, rotary_emb=None, project_kv=lambda x: (x @ w[:kv_dim].T, x @ w[kv_dim:].T),
     )
