@@ -202,24 +202,41 @@ def _conversations(llm, n_conv: int, turns: int, sp) -> list[list[int]]:
 
 @pytest.mark.parametrize("arch", ["llama2", "qwen3"])
 def test_multi_turn_same_tokens_under_eviction(arch, tiny_model, make_llm):
-    """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU."""
+    """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU. Runs
+    with the capture hooks get a torch.compile cache key of their own (vLLM's key leaves out the
+    connector's config: a hooked run must never load a graph compiled without the capture op)."""
     sp = SamplingParams(temperature=0, max_tokens=24)
     model = tiny_model(arch)
     small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024)
     baseline = _conversations(make_llm(model, **small), 4, 3, sp)
+    keys: dict[bool, set[str]] = {False: set(), True: set()}  # by "capture hooks installed"
     for ratio in (0.0, 0.5, 1.0, "auto"):
         llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(ratio))
         fences = _watch_fences(llm)
         assert _conversations(llm, 4, 3, sp) == baseline, f"ratio {ratio}"
         assert not fences["unfenced"] and fences["skipped"] > 0, fences
-        totals = _worker().totals.data
+        totals, hooked, key = _worker().totals.data, _worker().with_act, _compile_key(llm)
         del llm
         assert totals["tokens_loaded"] > 0
+        assert hooked == (ratio != 0.0 and (ratio != "auto" or arch == "llama2"))
+        keys[hooked].add(key)
         if ratio == 0.0 or (ratio == "auto" and arch != "llama2"):
             # GQA in auto mode keeps no activations at all: plain KV offload.
             assert totals["tokens_recomputed"] == 0, f"ratio {ratio}: {totals}"
         elif ratio != "auto":  # auto on MHA depends on this machine's measured profile
             assert totals["tokens_recomputed"] > 0, f"ratio {ratio}: {totals}"
+    assert all(len(k) == 1 for k in keys.values()) and not keys[False] & keys[True], keys
+
+
+def _compile_key(llm) -> str:
+    """The config hash vLLM names the model's torch.compile caches by (AOT and backend), from
+    the config the model was built with, in the worker."""
+
+    def key(self) -> str:
+        model = getattr(self, "worker", self).model_runner.get_model()
+        return next(m.vllm_config for m in model.modules() if hasattr(m, "vllm_config")).compute_hash()
+
+    return llm.collective_rpc(key)[0]
 
 
 def test_preemption_storm_same_tokens(tiny_model, make_llm):

@@ -150,6 +150,8 @@ def install(model: nn.Module, vllm_config) -> None:
             "partial_kv: no attention block with a qkv_proj found to capture activations from; "
             "set recompute_ratio=0 to offload plain KV for this model"
         )
+    # vLLM's compile cache must not hand this run a graph traced without the hooks.
+    compat.add_to_compile_key(vllm_config, "partial_kv_capture", "qkv_proj inputs")
     logger.info("partial_kv: capturing K/V-projection inputs of %d layers", len(_LAYERS))
 
 

@@ -94,6 +94,22 @@ def wrap_model_loader(after_load: Callable[[torch.nn.Module, Any], None]) -> Non
     BaseModelLoader.load_model = load_model  # type: ignore[method-assign]
 
 
+def add_to_compile_key(vllm_config: Any, key: str, value: Any) -> None:
+    """Make `key: value` part of the hash vLLM names its torch.compile caches by.
+
+    `VllmConfig.compute_hash` (the config factor of both the AOT-compile and the backend cache
+    directories, vLLM 0.26 to 0.33) hashes `additional_config` but not the connector's extra
+    config, so without this a run with the capture hooks could load a graph compiled without them.
+    Call it before the first forward, which is when vLLM computes the key."""
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict):
+        raise RuntimeError(
+            f"partial_kv: cannot key vLLM's compile cache by {key!r}: additional_config is a "
+            f"{type(extra).__name__}, not a dict; set recompute_ratio 0 or VLLM_DISABLE_COMPILE_CACHE=1"
+        )
+    extra[key] = value
+
+
 def worker_class() -> type:
     """vLLM's worker for this platform: the GPU worker, or the CPU worker on the CPU build."""
     from vllm.platforms import current_platform
