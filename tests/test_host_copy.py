@@ -104,3 +104,45 @@ def test_fp8_caches_allocated_as_bytes_are_viewed_as_fp8(layout: str, kv_cache_d
     assert cache.view(fp8).float().sum() == D  # written through to the cache itself
     with pytest.raises(ValueError, match="not plain fp8"):
         compat.kv_cache_views(cache, NB, "fp8_per_token_head")
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_pool_is_one_allocation_of_the_store_size_registered_whole(kv_dtype, monkeypatch) -> None:
+    """torch's pinned allocator rounds every tensor up to a power of two: the pool is one buffer
+    of exactly slots x (K/V + activation bytes per block), registered with the driver whole and
+    unregistered when the pool goes. On the CPU the registration is recorded instead of made."""
+    import gc
+    import math
+
+    calls = []
+    monkeypatch.setattr(compat, "pin_host_memory", lambda buf: calls.append(
+        ("pin", buf.data_ptr(), buf.numel() * buf.element_size())) or (lambda: calls.append(("unpin",))))
+    views = {f"layer{i}": compat.block_views(cache.to(kv_dtype), NB) for i, cache in enumerate(_layouts().values())}
+    slots, act_shape = 5, (BS, 3 * D)
+    pool = HostPool(slots, views, act_shape, torch.bfloat16, pin=True)
+
+    per_slot = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
+    per_slot += len(views) * math.prod(act_shape) * 2
+    assert pool.buffer.numel() == pool.nbytes == slots * per_slot and pool.pinned
+    assert calls == [("pin", pool.buffer.data_ptr(), slots * per_slot)]
+    host = [(t, dev) for n in views for t, dev in zip(pool.kv[n], views[n])]
+    host += [(t, torch.empty(NB, *act_shape, dtype=torch.bfloat16)) for t in pool.act.values()]
+    spans = []
+    for t, dev in host:
+        assert t.untyped_storage().data_ptr() == pool.buffer.data_ptr()  # views of the one buffer
+        assert t.shape == (slots, *dev.shape[1:]) and t.stride()[1:] == dev.stride()[1:]
+        assert t.data_ptr() % t.element_size() == 0
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    spans.sort()  # together they tile the buffer: no overlap, no gap
+    assert spans[0][0] == pool.buffer.data_ptr() and spans[-1][1] == pool.buffer.data_ptr() + pool.nbytes
+    assert all(end == start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+    del pool, host
+    gc.collect()
+    assert calls[-1] == ("unpin",)
+
+
+def test_pool_refuses_blocks_with_holes() -> None:
+    cache = torch.empty(NB, BS, H, 2 * D)[:, :, :, :D]  # every block has holes
+    with pytest.raises(ValueError, match="layer: KV blocks .* not dense"):
+        HostPool(4, {"layer": [cache]}, None, torch.float32, pin=False)

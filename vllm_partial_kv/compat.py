@@ -4,6 +4,7 @@ CPU build, 0.33) lives here, so that the rest of the package imports one stable 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 MIN_VERSION = Version("0.26")
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 
 def vllm_version() -> Version:
@@ -201,6 +204,24 @@ def batched_memcpy() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Non
     except (ImportError, AttributeError, RuntimeError):
         return None
     return ops.swap_blocks_batch
+
+
+def pin_host_memory(buffer: torch.Tensor) -> Callable[[], None] | None:
+    """Register one host allocation with the CUDA driver (page-locked, for fast asynchronous
+    copies), exactly its bytes, as vLLM's own CPU offloading pins its host region. Returns the
+    matching unregister, or None if the driver refused: copies then run pageable, slower."""
+    ptr, size = buffer.data_ptr(), buffer.numel() * buffer.element_size()
+    try:  # vLLM >= 0.32: its helper (logs a refusal itself)
+        from vllm.v1.kv_offload.cpu.host_register import host_register, host_unregister
+    except ImportError:  # vLLM 0.26 calls the runtime through torch, as here
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(ptr, size, 0)) != 0:
+            logger.warning(
+                "partial_kv: cudaHostRegister refused %.2f GiB; the host store stays pageable", size / 2**30
+            )
+            return None
+        return lambda: cudart.cudaHostUnregister(ptr)
+    return (lambda: host_unregister(ptr)) if host_register(ptr, size) else None
 
 
 def request_block_hashes(request: Any) -> list[bytes]:

@@ -12,7 +12,9 @@ became ChunkStatus, with request contexts), so this small index is kept here, ve
 from __future__ import annotations
 
 import logging
+import math
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -169,10 +171,14 @@ def ensure_room(needs: dict[torch.device, int]) -> None:
 
 
 class HostPool:
-    """Per layer: host tensors shaped like the GPU block views (K/V) and the activations, slot-first.
+    """Per layer: host views shaped like the GPU block views (K/V) and the activations, slot-first,
+    all in one host allocation of exactly the store's size.
 
-    Allocated once. Pinned when CUDA is present: pageable host-to-device copies run at 7-9 GB/s
-    against 54 GB/s from pinned memory on an H100.
+    Pinned when CUDA is present (pageable host-to-device copies run at 7-9 GB/s against 54 GB/s
+    from pinned memory on an H100), the way vLLM's own offloading pins its host region: the one
+    buffer is registered with the driver (`compat.pin_host_memory`). torch's pinned allocator
+    would round every tensor up to a power of two instead (a 16 GiB store for an MHA-7B model
+    pinned ~24 GiB) while the start-up room check counts the store's size.
     """
 
     def __init__(
@@ -184,32 +190,64 @@ class HostPool:
         pin: bool,
     ) -> None:
         self.num_slots = num_slots
-        self.pinned = pin
-        self.kv: dict[str, list[torch.Tensor]] = {}
-        self.act: dict[str, torch.Tensor] = {}
+        # (layer, is K/V, shape, strides, dtype) of every view. K/V keep the device blocks' element
+        # order: blocks are copied as raw bytes, so a host block must read back in the device's
+        # (possibly permuted) order.
+        layout = []
         for name, views in kv_block_views.items():
-            # Same strides as the device blocks: blocks are copied as raw bytes, so the host copy
-            # must read back in the device's (possibly permuted) element order.
-            self.kv[name] = [
-                torch.empty_strided(
-                    (num_slots, *v.shape[1:]), v.stride(), dtype=v.dtype, pin_memory=pin
-                )
-                for v in views
-            ]
+            for v in views:
+                layout.append((name, True, (num_slots, *v.shape[1:]), _slot_strides(name, v), v.dtype))
             if act_block_shape is not None:
-                self.act[name] = torch.empty(
-                    (num_slots, *act_block_shape), dtype=act_dtype, pin_memory=pin
-                )
+                shape = (num_slots, *act_block_shape)
+                layout.append((name, False, shape, _contiguous_strides(shape), act_dtype))
+        # Widest elements first (a stable sort: K stays before V), so that every view starts at a
+        # multiple of its element size without padding.
+        layout.sort(key=lambda item: -item[4].itemsize)
+        sizes = [math.prod(shape) * dtype.itemsize for _, _, shape, _, dtype in layout]
+        self.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        self.kv: dict[str, list[torch.Tensor]] = {name: [] for name in kv_block_views}
+        self.act: dict[str, torch.Tensor] = {}
+        offset = 0
+        for (name, is_kv, shape, strides, dtype), size in zip(layout, sizes):
+            view = self.buffer[offset : offset + size].view(dtype).as_strided(shape, strides)
+            if is_kv:
+                self.kv[name].append(view)
+            else:
+                self.act[name] = view
+            offset += size
+        self.pinned = False
+        if pin:
+            from vllm_partial_kv import compat  # only here: the index above stays free of vLLM
+
+            unpin = compat.pin_host_memory(self.buffer)
+            if unpin is not None:
+                self.pinned = True
+                weakref.finalize(self, unpin)  # before the buffer is freed, never while in use
         logger.info(
             "partial_kv host store: %d block slots, %.2f GiB%s, activations %s",
             num_slots,
             self.nbytes / 2**30,
-            " pinned" if pin else "",
+            " pinned" if self.pinned else "",
             "kept" if act_block_shape is not None else "not kept",
         )
 
     @property
     def nbytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for views in self.kv.values() for t in views)
-        return total + sum(t.numel() * t.element_size() for t in self.act.values())
+        return self.buffer.numel()
 
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+
+
+def _slot_strides(name: str, block_view: torch.Tensor) -> tuple[int, ...]:
+    """The device view's strides, one dense block per slot; a block with holes or overlaps
+    cannot be copied as one run of bytes."""
+    block = block_view[0]
+    extent = 1 + sum((n - 1) * s for n, s in zip(block.shape, block.stride()))
+    if extent != block.numel():
+        raise ValueError(
+            f"{name}: KV blocks of shape {tuple(block.shape)} with strides {block.stride()} are "
+            "not dense in memory: they cannot be copied as bytes"
+        )
+    return (block.numel(), *block.stride())
