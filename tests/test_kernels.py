@@ -190,7 +190,7 @@ def test_merged_weight_is_one_view_only_when_v_follows_k() -> None:
     assert triton_recompute._merged_weight(w[64:128].clone(), w[128:].clone()) is None  # two tensors
 
 
-def test_pick_mode_times_each_way_once_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tune_mode_times_each_way_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     import triton.testing
 
     calls = []
@@ -202,14 +202,14 @@ def test_pick_mode_times_each_way_once_and_keeps_the_faster(monkeypatch: pytest.
     ms = {fused: 2.0, split: 1.5}
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: ms[fn])
     monkeypatch.setattr(triton_recompute, "_modes", {})
-    assert triton_recompute._pick_mode(("a", 4096), fused, split) == "split"
+    assert triton_recompute._tune_mode(("a", 4096), fused, split) == "split"
     assert calls == ["fused", "split"]  # compiled (and tuned) before timing
-    assert triton_recompute._pick_mode(("a", 4096), fused, split) == "split" and len(calls) == 2
     ms[fused] = 1.0
-    assert triton_recompute._pick_mode(("a", 8192), fused, split) == "fused"
+    assert triton_recompute._tune_mode(("a", 8192), fused, split) == "fused"
+    assert triton_recompute._modes == {("a", 4096): "split", ("a", 8192): "fused"}
 
 
-def test_pick_mode_leaves_out_a_way_that_fails(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_tune_mode_leaves_out_a_way_that_fails(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     import triton.testing
 
     def broken() -> None:
@@ -218,11 +218,11 @@ def test_pick_mode_leaves_out_a_way_that_fails(monkeypatch: pytest.MonkeyPatch, 
     works = lambda: None  # noqa: E731
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1.0)
     monkeypatch.setattr(triton_recompute, "_modes", {})
-    assert triton_recompute._pick_mode(("b", 1), broken, works) == "split"
-    assert triton_recompute._pick_mode(("b", 2), works, broken) == "fused"
+    assert triton_recompute._tune_mode(("b", 1), broken, works) == "split"
+    assert triton_recompute._tune_mode(("b", 2), works, broken) == "fused"
     assert "recompute by the one-pass kernel failed" in caplog.text and "does not compile here" in caplog.text
     with pytest.raises(RuntimeError, match="both ways"):
-        triton_recompute._pick_mode(("b", 4), broken, broken)
+        triton_recompute._tune_mode(("b", 4), broken, broken)
 
 
 def tma_applies(case: Case) -> bool:
@@ -358,9 +358,9 @@ GPU_CASES = {
 @pytest.mark.parametrize("mode", [None, "fused", "split"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gpu_real_shapes(name: str, mode: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both ways and the launcher's timed pick between them."""
-    if mode is not None:
-        force_mode(monkeypatch, mode)
+    """Both ways and the pick timed between them (as at start-up)."""
+    launcher = functools.partial(triton_recompute.recompute_kv_triton, mode=mode, tune=True)
+    monkeypatch.setattr(triton_recompute, "recompute_kv_triton", launcher)
     check(GPU_CASES[name], "triton", seed=zlib.crc32(name.encode()))
 
 

@@ -91,13 +91,18 @@ class Timeline:
         return all(cb.get(k, 0) >= v for k, v in ca.items())
 
 
-@pytest.fixture
-def rig(monkeypatch):
+def _fake_cuda(monkeypatch) -> Timeline:
     tl = Timeline()
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: tl.current)
     monkeypatch.setattr(torch.cuda, "stream", tl.stream)
+    return tl
+
+
+@pytest.fixture
+def rig(monkeypatch):
+    tl = _fake_cuda(monkeypatch)
 
     names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
     kv_caches = {n: torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD) for n in names}
@@ -347,3 +352,57 @@ def test_a_triton_kernel_that_fails_falls_back_to_vllms_modules(monkeypatch, cap
     torch.testing.assert_close(v.reshape(BS, -1), x @ w[kv_dim:].T)
     rt._recompute(name, x, BS)
     assert launches == [1] and len(written) == 2
+
+
+def test_start_up_tunes_every_bucket_so_that_restores_never_time(monkeypatch):
+    """The Triton recompute's way (one-pass kernel or cuBLAS + epilogue) is timed, which
+    synchronizes the device, at start-up for every token bucket a restore can recompute, once per
+    shape, through the calls restores make; restores then find theirs tuned and time nothing.
+    The kernel runs in the Triton interpreter; the timing is counted instead of run."""
+    from types import SimpleNamespace
+
+    from vllm_partial_kv import compat
+    from vllm_partial_kv.kernels import triton_recompute
+
+    _fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)  # no pinned memory without CUDA
+    monkeypatch.setattr(triton_recompute, "_modes", {})
+    timed = []
+    monkeypatch.setattr(triton_recompute, "_median_ms", lambda way: timed.append(way.__name__) or (
+        {"fused": 2.0, "split": 1.0}[way.__name__]))  # the interpreter's default is the other way
+
+    names, kv_dim = [f"model.layers.{i}.self_attn.attn" for i in range(2)], HEADS * HEAD
+    weights = {n: torch.randn(2 * kv_dim, HIDDEN) for n in names}
+    layers = {n: SimpleNamespace(
+        attn=SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD, kv_cache_dtype="auto"), has_dense_weight=True,
+        w_k=w[:kv_dim], w_v=w[kv_dim:], biases=lambda: (None, None), k_norm=None, rotary_emb=None,
+    ) for n, w in weights.items()}
+    kv_caches = {n: torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD) for n in names}
+    pool = HostPool(8, {n: [t] for n, t in kv_caches.items()}, (BS, HIDDEN), torch.float32, pin=False)
+    acts = {n: torch.zeros(BLOCKS * BS + 1, HIDDEN) for n in names}
+    rt = RestoreRuntime(kv_caches, BLOCKS, BS, pool, acts, layers, 8 * BS)
+    rt.cuda = True  # the GPU path
+    rt._init_streams()
+    rt.staging = [rt.staging[0], rt.staging[0].clone()]
+
+    rt.tune_recompute()
+    buckets = [4, 8, 16, 32]  # restores recompute 1 to 8 blocks of 4 tokens
+    assert timed == ["fused", "split"] * len(buckets)  # both layers share each timing
+    assert sorted(key[-1] for key in triton_recompute._modes) == buckets
+    assert set(triton_recompute._modes.values()) == {"split"} and rt.kernel == "auto"
+
+    serving = []  # what must not happen while serving: a timing, a way not tuned at start-up
+    monkeypatch.setattr(triton_recompute, "_median_ms", lambda way: serving.append("timed") or 1.0)
+    monkeypatch.setattr(triton_recompute, "_untuned_mode", lambda key: serving.append(key) or "split")
+    for n in names:
+        pool.act[n].copy_(torch.randn_like(pool.act[n]))
+    for blocks in (1, 3, 5, 8):  # 4, 12, 20 and 32 tokens
+        targets = list(range(BLOCKS - blocks, BLOCKS))
+        rt.load([LoadSpec(list(range(blocks)), targets, 0, blocks)], "none")
+        for n, w in weights.items():
+            k, v = compat.kv_cache_views(kv_caches[n], BLOCKS)
+            x = pool.act[n][:blocks].reshape(-1, HIDDEN)
+            torch.testing.assert_close(k[targets].reshape(-1, kv_dim), x @ w[:kv_dim].T)
+            torch.testing.assert_close(v[targets].reshape(-1, kv_dim), x @ w[kv_dim:].T)
+    assert serving == [] and rt.kernel == "auto"  # and the kernel never failed over to torch

@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 from vllm_partial_kv import CONNECTOR_NAME, __version__
@@ -213,7 +214,7 @@ def _profile(args: argparse.Namespace, extra: list[str]) -> int:
         raise CliError(f"vLLM cannot configure {args.model!r}: {first}") from None
     shape, dtype = model_shape(vllm_config), vllm_config.model_config.dtype
     idle, busy = (
-        load_or_measure(shape, device=device, recompute_fn=recompute_kv, dtype=dtype,
+        load_or_measure(shape, device=device, recompute_fn=partial(recompute_kv, tune=True), dtype=dtype,
                         refresh=args.refresh, with_load=with_load)
         for with_load in (False, True)
     )

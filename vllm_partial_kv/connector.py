@@ -15,7 +15,7 @@ reported to vLLM as a KV load error.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -394,19 +394,20 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
             self.cfg.max_recompute_tokens, self.cfg.kernel,
         )
+        self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
         if self.with_act and self.cfg.recompute_ratio is None:
             self.profiles = self._load_profiles()
 
     def _load_profiles(self) -> dict[bool, planner.Profile]:
-        """Idle and busy profiles of the runtime's recompute backend: a restore that shares the
-        GPU with other requests' forward recomputes slower, so it should recompute less."""
+        """Idle and busy profiles of the runtime's recompute backend, at start-up: a restore that
+        shares the GPU with other requests' forward recomputes slower, so it should recompute less."""
         from vllm_partial_kv import profiler
         from vllm_partial_kv.kernels import recompute_kv
 
         kernel = self._profiled_kernel = self.runtime.kernel
 
         def fn(*args, **kwargs):
-            return recompute_kv(*args, backend=kernel, **kwargs)
+            return recompute_kv(*args, backend=kernel, tune=True, **kwargs)
 
         return {
             busy: profiler.load_or_measure(
@@ -464,15 +465,18 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         waited for per layer shares it with this step's own forward, which the planner models."""
         loads = meta.loads
         requests = [planner.RestoreRequest(len(s.block_ids), s.recompute_blocks) for s in loads]
+        if self.cfg.recompute_ratio is None and self.profiles and self.runtime.kernel != self._profiled_kernel:
+            # The kernel failed while serving (it passed start-up tuning). Profiling the torch
+            # path now would stall this restore and every request behind it; streaming only is
+            # never slower than plain offload.
+            logger.warning(
+                "partial_kv: recompute now runs on the unprofiled %s path; restores stream all "
+                "blocks from now on (restart to profile it)", self.runtime.kernel,
+            )
+            self.cfg = replace(self.cfg, recompute_ratio=0.0)
         if not self.with_act:
             split = [0] * len(loads)
         else:
-            if self.profiles and self.runtime.kernel != self._profiled_kernel:
-                logger.warning(
-                    "partial_kv: recompute now runs on the %s path; profiling it (once) so that "
-                    "the planner does not recompute more than pays", self.runtime.kernel,
-                )
-                self.profiles = self._load_profiles()
             profile = self.profiles.get(meta.busy and wait == "none")
             forward_s = 0.0
             if wait == "layers" and profile is not None:

@@ -373,7 +373,35 @@ class RestoreRuntime:
         for dst, src in zip(self.gpu_views[name], self.pool.kv[name]):
             self.copy(dst, blocks, src, slots)
 
-    def _recompute(self, name: str, x: torch.Tensor, n: int) -> None:
+    def tune_recompute(self) -> None:
+        """Decide the Triton recompute's way and tile for every power-of-two bucket of tokens a
+        restore can recompute, now, before serving: timing a bucket at its first restore would
+        synchronize the device under live requests. Every layer runs its serving call (real cache
+        views, weights, staging and index buffers), so that serving finds each call's key tuned;
+        layers of one shape share the timing. Where the kernel cannot run, restores use vLLM's
+        own modules from the start (`_recompute` logs why). The cache holds no data yet: the
+        zeroed inputs write finite K/V into its first blocks."""
+        if not (self.cuda and self.layers and self.kernel != "torch"):
+            return
+        started = time.perf_counter()
+        n = self.max_recompute_tokens
+        largest: dict[int, int] = {}  # token bucket -> the most tokens a restore recomputes in it
+        for tokens in range(self.block_size, n + 1, self.block_size):
+            largest[1 << (tokens - 1).bit_length()] = tokens
+        rotary = [s.rotary_emb.cos_sin_cache.shape[0] for s in self.layers.values() if s.rotary_emb is not None]
+        slots = torch.arange(n) % (self.num_gpu_blocks * self.block_size)
+        self._write_index(slots, torch.arange(n) % min(rotary, default=n))
+        x = self.staging[0].view(-1, self.staging[0].shape[-1]).zero_()
+        for tokens in largest.values():
+            for name in self.names:
+                self._recompute(name, x[:tokens], tokens, tune=True)
+                if self.kernel == "torch":
+                    return
+        torch.cuda.synchronize(self.device)
+        logger.info("partial_kv: K/V recompute tuned for %d token buckets up to %d tokens in %.1f s",
+                    len(largest), n, time.perf_counter() - started)
+
+    def _recompute(self, name: str, x: torch.Tensor, n: int, tune: bool = False) -> None:
         spec = self.layers[name]
         slots, positions = self._slots_buf[:n], self._pos_buf[:n]
         attn = spec.attn
@@ -402,7 +430,7 @@ class RestoreRuntime:
                     k_norm_eps=spec.k_norm.variance_epsilon if spec.k_norm is not None else 1e-6,
                     k_scale=attn._k_scale_float if scaled else None,
                     v_scale=attn._v_scale_float if scaled else None,
-                    backend="triton",
+                    backend="triton", tune=tune,
                 )
                 return
             except Exception:  # refused or failed to compile before writing anything

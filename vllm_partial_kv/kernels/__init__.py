@@ -40,6 +40,7 @@ def recompute_kv(
     k_scale: float | None = None,
     v_scale: float | None = None,
     backend: str = "auto",
+    tune: bool = False,
 ) -> None:
     """key_cache[slot] = rope(knorm(x @ w_k.T + b_k)), value_cache[slot] = x @ w_v.T + b_v, per row of x.
 
@@ -48,6 +49,8 @@ def recompute_kv(
     strides; slot_mapping: [T], slot < 0 skips the row; positions: [T]; cos_sin_cache: vLLM's
     [max_position, rotary_dim] cat(cos, sin) table or None. Scales apply to fp8 caches only.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    tune (Triton): time its two ways for this shape and token bucket if not done yet, which
+    synchronizes the device: for start-up (the runtime, the profiler), never while serving.
     """
     args = (x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, is_neox,
             b_k, b_v, k_norm_weight, k_norm_eps, k_scale, v_scale)
@@ -58,7 +61,7 @@ def recompute_kv(
     if use_triton:
         from .triton_recompute import recompute_kv_triton
 
-        recompute_kv_triton(*args)
+        recompute_kv_triton(*args, tune=tune)
     else:
         recompute_kv_torch(*args)
 

@@ -14,7 +14,7 @@ beats two half-width accumulators, which would halve the MMA N.
 
 The same kernel with PROJECTED set is the epilogue alone, reading K/V that a cuBLAS GEMM projected
 into a workspace: cuBLAS outruns Triton's own matmul on Hopper, and the epilogue is one pass over
-K/V. The launcher times both ways once per shape and token bucket and keeps the faster.
+K/V. Both ways are timed once per shape and token bucket, at start-up, and the faster is kept.
 """
 
 from __future__ import annotations
@@ -296,31 +296,52 @@ def _epilogue_config(T: int) -> dict:
     return {"BLOCK_T": block_t, "BLOCK_K": 16, "HEADS": 1, "TMA": False, "num_warps": block_t // 4, "num_stages": 1}
 
 
-# (shape, dtypes, flags, T bucket) -> "fused" or "split", measured once per process.
+# (shape, dtypes, strides, flags, T bucket) -> "fused" or "split", decided by `_tune_mode` at
+# start-up (the runtime tunes every bucket a restore can ask for before serving).
 _modes: dict[tuple, str] = {}
 _WAYS = {"fused": "the one-pass kernel", "split": "cuBLAS GEMM + the epilogue"}
+# What a call that finds no tuned way runs, untimed: its epilogue has a fixed tile, nothing to tune.
+UNTUNED_MODE = "split"
+_untuned_logged: set[tuple] = set()
 
 
-def _pick_mode(key: tuple, fused: Callable[[], None], split: Callable[[], None]) -> str:
-    """The faster way for this key, timed on first use like an autotuned tile (a few hundred ms). A
-    way that fails to compile or launch here is logged and left out; if both fail, this raises."""
-    mode = _modes.get(key)
-    if mode is None:
-        from triton.testing import do_bench
+def _median_ms(fn: Callable[[], None]) -> float:
+    """Triton's benchmark: it synchronizes the device and flushes L2, so start-up only."""
+    from triton.testing import do_bench
 
-        times = {}
-        for name, way in (("fused", fused), ("split", split)):
-            try:
-                way()  # compile (and tune the one-pass kernel's tile) before timing
-                times[name] = do_bench(way, return_mode="median")
-            except Exception:
-                logger.exception("partial_kv: K/V recompute by %s failed; using the other way", _WAYS[name])
-        if not times:
-            raise RuntimeError("both ways of the Triton K/V recompute failed (tracebacks above)")
-        mode = _modes[key] = min(times, key=times.get)
-        logger.info("partial_kv: K/V recompute, up to %d tokens: %s; using %s", key[-1],
-                    ", ".join(f"{_WAYS[n]} {t:.3f} ms" for n, t in times.items()), _WAYS[mode])
+    return do_bench(fn, return_mode="median")
+
+
+def _tune_mode(key: tuple, fused: Callable[[], None], split: Callable[[], None]) -> str:
+    """Time both ways for this key (a few hundred ms, and the one-pass kernel's tile is autotuned
+    on its first launch) and keep the faster. A way that fails to compile or launch here is
+    logged and left out; if both fail, this raises."""
+    times = {}
+    for name, way in (("fused", fused), ("split", split)):
+        try:
+            way()  # compile (and tune the one-pass kernel's tile) before timing
+            times[name] = _median_ms(way)
+        except Exception:
+            logger.exception("partial_kv: K/V recompute by %s failed; using the other way", _WAYS[name])
+    if not times:
+        raise RuntimeError("both ways of the Triton K/V recompute failed (tracebacks above)")
+    mode = _modes[key] = min(times, key=times.get)
+    logger.info("partial_kv: K/V recompute, up to %d tokens: %s; using %s", key[-1],
+                ", ".join(f"{_WAYS[n]} {t:.3f} ms" for n, t in times.items()), _WAYS[mode])
     return mode
+
+
+def _untuned_mode(key: tuple) -> str:
+    """A call the start-up tuning did not foresee: run a way that needs no timing now (measuring
+    here would stall the device under live requests). The interpreter has no device to time on
+    and runs the one-pass kernel."""
+    if INTERPRET:
+        return "fused"
+    if key not in _untuned_logged:
+        _untuned_logged.add(key)
+        logger.warning("partial_kv: K/V recompute of up to %d tokens was not tuned at start-up; "
+                       "using %s, untimed", key[-1], _WAYS[UNTUNED_MODE])
+    return UNTUNED_MODE
 
 
 def recompute_kv_triton(
@@ -340,11 +361,13 @@ def recompute_kv_triton(
     k_scale: float | None,
     v_scale: float | None,
     mode: str | None = None,
+    tune: bool = False,
 ) -> None:
     """Launch the recompute; inputs are assumed validated (see `recompute_kv`). mode: "fused" (one
     kernel), "split" (cuBLAS GEMM of at most SPLIT_ROWS tokens at a time into a workspace, then the
-    kernel's epilogue) or None: the faster of the two, measured once per shape and T bucket (the
-    interpreter runs "fused")."""
+    kernel's epilogue) or None: the way tuned for this shape and T bucket. tune: time both ways
+    first where none is tuned (start-up only: it synchronizes the device); without it an untuned
+    call runs UNTUNED_MODE, untimed (the interpreter: "fused")."""
     T, hidden = x.shape
     _, block_size, num_kv_heads, head_size = key_cache.shape
     kv_dim = num_kv_heads * head_size
@@ -408,7 +431,7 @@ def recompute_kv_triton(
         if mode is None:
             key = (x.device, x.dtype, key_cache.dtype, key_cache.stride(), hidden, num_kv_heads, head_size,
                    tuple(meta.items()), tma_ok, w_kv is not None, _next_pow2(T))
-            mode = "fused" if INTERPRET else _pick_mode(key, fused, split)
+            mode = _modes.get(key) or (_tune_mode(key, fused, split) if tune else _untuned_mode(key))
         if mode not in ("fused", "split"):
             raise ValueError(f"mode must be 'fused', 'split' or None, got {mode!r}")
         (fused if mode == "fused" else split)()
