@@ -222,7 +222,8 @@ class HostPool:
             unpin = compat.pin_host_memory(self.buffer)
             if unpin is not None:
                 self.pinned = True
-                weakref.finalize(self, unpin)  # before the buffer is freed, never while in use
+                # Before the buffer is freed, never while in use; process exit frees it anyway.
+                weakref.finalize(self, unpin).atexit = False
         logger.info(
             "partial_kv host store: %d block slots, %.2f GiB%s, activations %s",
             num_slots,
