@@ -10,7 +10,7 @@ import torch
 
 from vllm import SamplingParams
 
-ARCHS = ["llama", "llama2", "opt", "qwen2", "qwen3"]
+ARCHS = ["llama", "llama2", "opt", "qwen2", "qwen3", "phi3", "stablelm", "gptj", "gpt2", "bloom", "mixtral"]
 
 
 @pytest.fixture

@@ -330,7 +330,7 @@ def test_a_triton_kernel_that_fails_falls_back_to_vllms_modules(monkeypatch, cap
     spec = SimpleNamespace(
         attn=SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD, impl=impl, kv_cache_dtype="auto"),
         has_dense_weight=True, w_k=w[:kv_dim], w_v=w[kv_dim:], biases=lambda: (None, None),
-        k_norm=None, rotary_emb=None, project_kv=lambda x: (x @ w[:kv_dim].T, x @ w[kv_dim:].T),
+        k_norm=None, rope=None, project_kv=lambda x: (x @ w[:kv_dim].T, x @ w[kv_dim:].T),
     )
     kv = torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD)
     pool = HostPool(4, {name: [kv]}, (BS, HIDDEN), torch.float32, pin=False)

@@ -1,6 +1,6 @@
 """Activation capture: each attention layer's K/V-projection input rows, written by slot.
 
-A forward hook on the layer's `qkv_proj` calls one custom op. The op is opaque to torch.compile
+A forward hook on the layer's fused QKV projection (found by `matcher`) calls one custom op. The op is opaque to torch.compile
 and writes with a fixed-address `index_copy_` driven by vLLM's own slot mapping, so it is safe
 inside CUDA graphs: replays write the rows of whatever batch is running. The hooks go in right
 after the model is loaded (before vLLM's profiling run and compilation); the buffers are bound
@@ -15,19 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_partial_kv import compat
+from vllm_partial_kv import compat, matcher
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
-
-SUPPORTED_ARCHITECTURES = frozenset(
-    {
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "OPTForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-    }
-)
 
 
 @dataclass
@@ -40,7 +30,7 @@ class LayerRecompute:
     kv_size: int
     hidden_size: int
     k_norm: nn.Module | None
-    rotary_emb: nn.Module | None
+    rope: matcher.Rope | None  # None: K as projected (learned positions, ALiBi)
 
     @property
     def w_k(self) -> torch.Tensor:
@@ -118,11 +108,11 @@ def why_not_captured(vllm_config) -> str | None:
     """Why recomputing from this deployment's captured activations would not give back its K/V
     (None when it would): the plugin then offloads plain K/V."""
     mc = vllm_config.model_config
-    archs = set(getattr(mc.hf_config, "architectures", None) or [])
     if getattr(mc, "quantization", None) is not None:
         return f"its K/V projections are quantized ({mc.quantization})"
-    if not archs or not archs <= SUPPORTED_ARCHITECTURES:
-        return f"architecture {sorted(archs)} is not one of {sorted(SUPPORTED_ARCHITECTURES)}"
+    unmatched = matcher.why_not_matched(vllm_config)
+    if unmatched is not None:
+        return unmatched
     if getattr(vllm_config, "lora_config", None) is not None:
         return "LoRA adapters may change the K/V projection of each request"
     spec = getattr(vllm_config, "speculative_config", None)
@@ -138,44 +128,52 @@ def install(model: nn.Module, vllm_config) -> None:
     if not activations_wanted(vllm_config):
         return
     _LAYERS.clear()
-    for module in model.modules():
-        attn, qkv = getattr(module, "attn", None), getattr(module, "qkv_proj", None)
-        if attn is None or qkv is None or not hasattr(attn, "layer_name"):
-            continue
-        spec = _describe(module, attn, qkv)
-        _LAYERS[attn.layer_name] = spec
-        qkv.register_forward_hook(_hook(attn.layer_name))
-    if not _LAYERS:
+    try:
+        matches = matcher.match_layers(model)
+    except matcher.Mismatch as e:
         raise RuntimeError(
-            "partial_kv: no attention block with a qkv_proj found to capture activations from; "
+            f"partial_kv: {e}, although this model's configuration passes the check the scheduler "
+            "makes; set recompute_ratio=0 to offload plain KV for it, and please report it"
+        ) from e
+    if not matches:
+        raise RuntimeError(
+            "partial_kv: no vLLM Attention layer found to capture activations for; "
             "set recompute_ratio=0 to offload plain KV for this model"
         )
+    for name, match in matches.items():
+        _LAYERS[name] = _describe(match)
+        match.qkv_proj.register_forward_hook(_hook(name))
+    first = next(iter(_LAYERS.values()))
+    logger.info(
+        "partial_kv: K of %s recomputed as %s%s%s", type(model).__name__,
+        "bias, " if getattr(first.qkv_proj, "bias", None) is not None else "",
+        "RMS norm per head, " if first.k_norm is not None else "",
+        first.rope.describe() if first.rope is not None else "as projected (no rotary)",
+    )
     # vLLM's compile cache must not hand this run a graph traced without the hooks.
     compat.add_to_compile_key(vllm_config, "partial_kv_capture", "qkv_proj inputs")
     logger.info("partial_kv: capturing K/V-projection inputs of %d layers", len(_LAYERS))
 
 
-def _describe(module: nn.Module, attn: nn.Module, qkv: nn.Module) -> LayerRecompute:
+def _describe(match: matcher.Match) -> LayerRecompute:
+    attn, qkv = match.attn, match.qkv_proj
     head = attn.head_size
     q_size, kv_size = attn.num_heads * head, attn.num_kv_heads * head
     weight = getattr(qkv, "weight", None)
     method = type(getattr(qkv, "quant_method", None)).__name__
     if weight is None or not weight.is_floating_point() or method != "UnquantizedLinearMethod":
-        raise RuntimeError(f"partial_kv: {attn.layer_name}: qkv_proj is quantized ({method})")
+        raise RuntimeError(f"partial_kv: {attn.layer_name}: its QKV projection is quantized ({method})")
     if qkv.output_size_per_partition != q_size + 2 * kv_size:
         raise RuntimeError(
-            f"partial_kv: {attn.layer_name}: qkv_proj has {qkv.output_size_per_partition} "
+            f"partial_kv: {attn.layer_name}: its QKV projection has {qkv.output_size_per_partition} "
             f"outputs, expected {q_size + 2 * kv_size}"
         )
-    rotary = getattr(module, "rotary_emb", None)
-    if rotary is not None and not hasattr(rotary, "cos_sin_cache"):
-        raise RuntimeError(f"partial_kv: {attn.layer_name}: unsupported rotary embedding")
     return LayerRecompute(
         attn=attn,
         qkv_proj=qkv,
         q_size=q_size,
         kv_size=kv_size,
         hidden_size=qkv.input_size,
-        k_norm=getattr(module, "k_norm", None),
-        rotary_emb=rotary,
+        k_norm=match.k_norm,
+        rope=match.rope,
     )

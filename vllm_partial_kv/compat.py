@@ -126,6 +126,28 @@ def worker_class() -> type:
     return Worker
 
 
+def attention_layer_class() -> type:
+    """vLLM's Attention layer (moved from vllm.attention.layer to vllm.model_executor.layers)."""
+    try:
+        from vllm.model_executor.layers.attention import Attention
+    except ImportError:
+        from vllm.attention.layer import Attention
+    return Attention
+
+
+def rotary_classes() -> tuple[type, type, type]:
+    """vLLM's plain RotaryEmbedding, the base every rotary class derives from (RotaryEmbeddingBase
+    where it exists), and Phi-3's LongRoPE class."""
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+    from vllm.model_executor.layers.rotary_embedding import base as rotary_base
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
+
+    root = getattr(rotary_base, "RotaryEmbeddingBase", RotaryEmbedding)
+    return RotaryEmbedding, root, Phi3LongRoPEScaledRotaryEmbedding
+
+
 def wrap_kv_budget(adjust: Callable[[Any, int], int]) -> None:
     """Pass the KV cache budget the worker measured through `adjust(vllm_config, bytes)` before
     vLLM sizes the KV cache from it."""

@@ -417,14 +417,14 @@ class RestoreRuntime:
             except ValueError:  # a layout or cache dtype the kernel does not write: vLLM's op does
                 use_triton = False
         if use_triton:
-            rotary = spec.rotary_emb
+            rope = spec.rope
             b_k, b_v = spec.biases()
             scaled = self.kv_caches[name].element_size() == 1
             try:
                 recompute_kv(
                     x, spec.w_k, spec.w_v, k_view, v_view, slots, positions,
-                    rotary.cos_sin_cache if rotary is not None else None,
-                    is_neox=rotary.is_neox_style if rotary is not None else True,
+                    rope.table if rope is not None else None,
+                    is_neox=rope.is_neox if rope is not None else True,
                     b_k=b_k, b_v=b_v,
                     k_norm_weight=spec.k_norm.weight if spec.k_norm is not None else None,
                     k_norm_eps=spec.k_norm.variance_epsilon if spec.k_norm is not None else 1e-6,
@@ -444,8 +444,8 @@ class RestoreRuntime:
         k, v = spec.project_kv(x)
         if spec.k_norm is not None:
             k = spec.k_norm(k.view(-1, heads, head)).view(-1, heads * head)
-        if spec.rotary_emb is not None:
-            k, _ = spec.rotary_emb.forward_native(positions, k)
+        if spec.rope is not None:
+            k = spec.rope.apply(positions, k)
         attn.impl.do_kv_cache_update(
             attn, k.view(-1, heads, head), v.view(-1, heads, head), self.kv_caches[name], slots
         )

@@ -14,7 +14,8 @@ import json
 import random
 from pathlib import Path
 
-ARCHS = ("llama", "llama2", "opt", "qwen2", "qwen3")
+ARCHS = ("llama", "llama2", "opt", "qwen2", "qwen3", "phi3", "stablelm", "gptj", "gpt2", "bloom", "mixtral",
+         "gpt_neox", "phi")
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -40,9 +41,13 @@ def make_tiny_model(
     """Write config, safetensors weights and a tokenizer for ``arch`` into ``out_dir``.
 
     Sizes default to 4 layers, hidden 256, head_dim 64 (4 heads; GQA archs have 2 KV heads),
-    intermediate 512, a ~1000-token vocabulary: about 12 MB. float32 by default: vLLM's CPU
-    build runs bf16 too, but about 2x slower on AVX2-only CPUs; pass ``dtype="bfloat16"`` for
-    GPU-style runs.
+    intermediate 512, a ~1000-token vocabulary: about 12 MB. Each arch keeps what sets its
+    family apart: phi3 LongRoPE (long factors once max_model_len exceeds 1024), stablelm neox
+    rotary on a quarter of each head and a QKV bias, gptj GPT-J-style rotary on a quarter, gpt2
+    learned positions, bloom ALiBi (tied embeddings, as vLLM serves it: never peaked), mixtral
+    grouped-query experts, gpt_neox rotary_pct 0.25 with parallel residual, phi (Phi-2) half
+    rotary with biases. float32 by default: vLLM's CPU build runs bf16 too, but about 2x slower
+    on AVX2-only CPUs; pass ``dtype="bfloat16"`` for GPU-style runs.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -60,7 +65,7 @@ def make_tiny_model(
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     _randomize(model, gen)
-    if peaked:
+    if peaked and not cfg.tie_word_embeddings:  # a bigram backbone needs its own lm_head
         _peak(model, tok, gen, random.Random(seed))
     with torch.no_grad():  # no special token ever wins, so EOS never cuts a generation short
         model.get_output_embeddings().weight[tok.all_special_ids] = 0.0
@@ -78,6 +83,8 @@ def _config(arch: str, layers: int, hidden: int, head_dim: int, vocab: int, dtyp
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id, vocab_size=vocab, tie_word_embeddings=False,
                dtype=dtype, max_position_embeddings=max_pos)
+    if arch in _OTHER_FAMILIES:
+        return _OTHER_FAMILIES[arch](layers, hidden, heads, head_dim, ids)
     if arch == "opt":
         return OPTConfig(hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, ffn_dim=2 * hidden, do_layer_norm_before=True,
@@ -95,6 +102,84 @@ def _config(arch: str, layers: int, hidden: int, head_dim: int, vocab: int, dtyp
     return Qwen3Config(num_key_value_heads=gqa, architectures=["Qwen3ForCausalLM"], **common)
 
 
+def _phi3(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import Phi3Config
+
+    half = head_dim // 2  # LongRoPE: one rescale factor per rotary frequency
+    rope = {"rope_type": "longrope", "rope_theta": ROPE_THETA, "original_max_position_embeddings": 1024,
+            "short_factor": [1.0 + i / half for i in range(half)],
+            "long_factor": [1.0 + 4 * i / half for i in range(half)]}
+    return Phi3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, rope_parameters=rope,
+                      original_max_position_embeddings=1024, rms_norm_eps=1e-6, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attention_dropout=0.0, architectures=["Phi3ForCausalLM"], **ids)
+
+
+def _stablelm(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import StableLmConfig
+
+    return StableLmConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=heads, partial_rotary_factor=0.25,
+                          rope_theta=ROPE_THETA, use_qkv_bias=True, architectures=["StableLmForCausalLM"], **ids)
+
+
+def _gptj(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import GPTJConfig
+
+    return GPTJConfig(n_embd=hidden, n_layer=layers, n_head=heads, rotary_dim=head_dim // 4,
+                      n_inner=2 * hidden, n_positions=ids.pop("max_position_embeddings"), resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, architectures=["GPTJForCausalLM"], **ids)
+
+
+def _gpt2(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=2 * hidden,
+                      n_positions=ids.pop("max_position_embeddings"), resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, architectures=["GPT2LMHeadModel"], **ids)
+
+
+def _bloom(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import BloomConfig
+
+    ids.pop("max_position_embeddings")  # ALiBi: no position table
+    ids["tie_word_embeddings"] = True  # vLLM's Bloom has no lm_head of its own: never peaked
+    return BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, hidden_dropout=0.0,
+                       attention_dropout=0.0, architectures=["BloomForCausalLM"], **ids)
+
+
+def _mixtral(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
+                         num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+                         architectures=["MixtralForCausalLM"], **ids)
+
+
+def _gpt_neox(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, rotary_pct=0.25, rotary_emb_base=ROPE_THETA,
+                         use_parallel_residual=True, attention_dropout=0.0, hidden_dropout=0.0,
+                         architectures=["GPTNeoXForCausalLM"], **ids)
+
+
+def _phi(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
+    from transformers import PhiConfig
+
+    return PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, partial_rotary_factor=0.5, rope_theta=ROPE_THETA,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                     architectures=["PhiForCausalLM"], **ids)
+
+
+_OTHER_FAMILIES = {"phi3": _phi3, "stablelm": _stablelm, "gptj": _gptj, "gpt2": _gpt2, "bloom": _bloom,
+                   "mixtral": _mixtral, "gpt_neox": _gpt_neox, "phi": _phi}
+
+
 def _patch_config(path: Path, dtype: str) -> None:
     """Add the keys older transformers read (the GPU machine may carry a 4.x release)."""
     cfg = json.loads(path.read_text())
@@ -107,7 +192,7 @@ def _patch_config(path: Path, dtype: str) -> None:
 def _randomize(model, gen) -> None:
     """Seeded weights independent of transformers' init order.
 
-    Norm gains are 1 +- 0.1 and biases small but non-zero, so that code which forgets a
+    Norm gains (every 1-D weight) are 1 +- 0.1 and biases small but non-zero, so that code which forgets a
     gain or a bias (e.g. when recomputing K/V) produces different numbers.
     """
     import torch
@@ -115,7 +200,7 @@ def _randomize(model, gen) -> None:
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
+            if p.dim() == 1 and name.endswith("weight"):  # norm gains (LayerNorm, RMSNorm)
                 p.copy_(1.0 + 0.1 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.02 * noise)
