@@ -29,11 +29,13 @@ MATCHED_ARCHITECTURES = frozenset(
         "BloomForCausalLM",  # ALiBi
         "GPT2LMHeadModel",  # learned positions
         "GPTJForCausalLM",  # GPT-J (interleaved) partial rotary
+        "GPTNeoXForCausalLM",  # neox partial rotary (0.25); vLLM 0.32 serves it by its Transformers backend
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "MixtralForCausalLM",
         "OPTForCausalLM",  # learned positions
         "Phi3ForCausalLM",  # LongRoPE
+        "PhiForCausalLM",  # Phi-2: partial rotary, biases; vLLM 0.32 serves it by its Transformers backend
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",  # per-head K norm
         "StableLmForCausalLM",  # neox partial rotary (0.25), K bias
@@ -58,8 +60,10 @@ def why_not_matched(vllm_config) -> str | None:
         return "dual-chunk attention rotates K by chunk, not by position alone"
     for params in _rope_parameter_sets(text):
         kind = params.get("rope_type") or params.get("type") or "default"
-        if params.get("mrope_section") or kind not in TABLE_ROPE_TYPES:
+        if kind not in TABLE_ROPE_TYPES:
             return f"rope type {kind!r} is not one of {sorted(TABLE_ROPE_TYPES)}"
+        if params.get("mrope_section") or params.get("use_fope"):
+            return "multimodal or Fourier rotary embeddings rotate K by more than its position"
     return None
 
 
@@ -157,6 +161,9 @@ def _k_norm(block: nn.Module, name: str, head: int) -> nn.Module | None:
     or a LayerNorm per head is refused rather than guessed at)."""
     from vllm.model_executor.layers.layernorm import RMSNorm
 
+    others = [n for n, m in block.named_children() if "Norm" in type(m).__name__ and n not in ("q_norm", "k_norm")]
+    if others:  # e.g. MPT's qk_ln: a K transform this match would otherwise leave out
+        raise Mismatch(f"{name}: norms beside it that may transform K: {', '.join(others)}")
     norm = getattr(block, "k_norm", None)
     if norm is None:
         return None
