@@ -54,13 +54,13 @@ def _worker():
 
 def _kv_bytes(model, tokens: int) -> int:
     """GPU KV cache bytes that hold `tokens` tokens of a tiny model (fp32 on CPU, bf16 on GPU)."""
-    import json
+    from transformers import AutoConfig
 
-    cfg = json.loads((model / "config.json").read_text())
-    heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg = AutoConfig.from_pretrained(model)  # maps GPT-2's n_head etc. to the common names
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = 2 if torch.cuda.is_available() else 4
-    return tokens * cfg["num_hidden_layers"] * 2 * heads * head * elem
+    return tokens * cfg.num_hidden_layers * 2 * heads * head * elem
 
 
 def _prompt(seed: int, n: int, vocab: int = 1000) -> dict:
@@ -200,17 +200,23 @@ def _conversations(llm, n_conv: int, turns: int, sp) -> list[list[int]]:
     return outputs
 
 
-@pytest.mark.parametrize("arch", ["llama2", "qwen3"])
-def test_multi_turn_same_tokens_under_eviction(arch, tiny_model, make_llm):
-    """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU. Runs
-    with the capture hooks get a torch.compile cache key of their own (vLLM's key leaves out the
+EVERY_RATIO = (0.0, 0.5, 1.0, "auto")
+GQA = ("qwen3", "mixtral")  # auto mode keeps no activations for them
+
+
+@pytest.mark.parametrize("arch,ratios", [("llama2", EVERY_RATIO), ("qwen3", EVERY_RATIO), ("mixtral", (0.5, "auto"))]
+                         + [(arch, (0.5,)) for arch in ("phi3", "stablelm", "gptj", "gpt2", "bloom")])
+def test_multi_turn_same_tokens_under_eviction(arch, ratios, tiny_model, make_llm):
+    """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU. Every
+    family once with half of each restore recomputed; two of them at every ratio. Runs with the
+    capture hooks get a torch.compile cache key of their own (vLLM's key leaves out the
     connector's config: a hooked run must never load a graph compiled without the capture op)."""
     sp = SamplingParams(temperature=0, max_tokens=24)
     model = tiny_model(arch)
     small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024)
     baseline = _conversations(make_llm(model, **small), 4, 3, sp)
     keys: dict[bool, set[str]] = {False: set(), True: set()}  # by "capture hooks installed"
-    for ratio in (0.0, 0.5, 1.0, "auto"):
+    for ratio in ratios:
         llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(ratio))
         fences = _watch_fences(llm)
         assert _conversations(llm, 4, 3, sp) == baseline, f"ratio {ratio}"
@@ -218,14 +224,14 @@ def test_multi_turn_same_tokens_under_eviction(arch, tiny_model, make_llm):
         totals, hooked, key = _worker().totals.data, _worker().with_act, _compile_key(llm)
         del llm
         assert totals["tokens_loaded"] > 0
-        assert hooked == (ratio != 0.0 and (ratio != "auto" or arch == "llama2"))
+        assert hooked == (ratio != 0.0 and (ratio != "auto" or arch not in GQA))
         keys[hooked].add(key)
-        if ratio == 0.0 or (ratio == "auto" and arch != "llama2"):
+        if ratio == 0.0 or (ratio == "auto" and arch in GQA):
             # GQA in auto mode keeps no activations at all: plain KV offload.
             assert totals["tokens_recomputed"] == 0, f"ratio {ratio}: {totals}"
         elif ratio != "auto":  # auto on MHA depends on this machine's measured profile
             assert totals["tokens_recomputed"] > 0, f"ratio {ratio}: {totals}"
-    assert all(len(k) == 1 for k in keys.values()) and not keys[False] & keys[True], keys
+    assert all(len(k) <= 1 for k in keys.values()) and not keys[False] & keys[True], keys
 
 
 def _compile_key(llm) -> str:
@@ -237,6 +243,39 @@ def _compile_key(llm) -> str:
         return next(m.vllm_config for m in model.modules() if hasattr(m, "vllm_config")).compute_hash()
 
     return llm.collective_rpc(key)[0]
+
+
+def test_architecture_outside_the_matcher_serves_plain_kv_with_one_warning(tiny_model, make_llm, monkeypatch):
+    """vLLM's Transformers backend runs Hugging Face's attention code, which rotates K in a function:
+    both halves offload plain K/V, say why once, and the tokens under eviction are those of vLLM
+    without the plugin."""
+    from vllm_partial_kv import connector
+
+    monkeypatch.setattr(connector, "_warned_no_capture", set())
+    warnings = []
+    warn = connector.logger.warning  # vLLM reconfigures its loggers at start-up: caplog misses them
+    monkeypatch.setattr(connector.logger, "warning", lambda msg, *a: (warnings.append(msg % a), warn(msg, *a)))
+    sp = SamplingParams(temperature=0, max_tokens=24)
+    model = tiny_model("llama2")
+    small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024, model_impl="transformers")
+    baseline = _conversations(make_llm(model, **small), 4, 2, sp)
+    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(0.5))
+    assert _conversations(llm, 4, 2, sp) == baseline
+    totals = _worker().totals.data
+    del llm
+    assert totals["tokens_loaded"] > 0 and totals["tokens_recomputed"] == 0, totals
+    warnings = [w for w in warnings if "cannot recompute" in w]
+    assert len(warnings) == 1 and "TransformersForCausalLM (for LlamaForCausalLM)" in warnings[0], warnings
+
+
+def test_structure_that_disagrees_with_the_config_check_stops_startup(tiny_model, make_llm, monkeypatch):
+    """Had the config check admitted a model whose layers the structural match refuses, the scheduler
+    would plan restores from activations the worker never captures: start-up stops instead."""
+    from vllm_partial_kv import matcher
+
+    monkeypatch.setattr(matcher, "MATCHED_ARCHITECTURES", matcher.MATCHED_ARCHITECTURES | {"TransformersForCausalLM"})
+    with pytest.raises(Exception, match="its attention block LlamaAttention is not vLLM's code"):
+        make_llm(tiny_model("llama2"), model_impl="transformers", kv_transfer_config=_connector_cfg(0.5))
 
 
 def test_preemption_storm_same_tokens(tiny_model, make_llm):

@@ -8,9 +8,11 @@ Two checks, which must agree:
   structural match below is tested on (`MATCHED_ARCHITECTURES`), and the configured positional
   transform must be one that indexes a fixed cos/sin table by position.
 - `match_layers(model)`, on the worker's loaded model, by structure rather than attribute names:
-  for every vLLM `Attention` layer, the `QKVParallelLinear` beside it that feeds it, a per-head
-  RMS K norm where there is one, and the rotary embedding (none: K as projected, as with learned
-  positions or ALiBi). It is authoritative for *how* K/V are recomputed; where it fails for a
+  for every vLLM `Attention` layer in a block of vLLM's own code, the `QKVParallelLinear` beside it
+  that feeds it, a per-head RMS K norm where there is one, and the rotary embedding (none: K as
+  projected, as with learned positions or ALiBi). The absence of a rotary module proves nothing
+  about code that could rotate K in a function, which is why the configuration check names the
+  families whose code is known. It is authoritative for *how* K/V are recomputed; where it fails for a
   deployment the configuration admitted, start-up stops naming the layer and the reason rather
   than quietly serving a scheduler that plans restores the worker cannot do.
 """
@@ -139,6 +141,11 @@ def _match(block: nn.Module, attn: nn.Module) -> Match:
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
     name = attn.layer_name
+    origin = type(block).__module__
+    if not origin.startswith("vllm."):
+        # vLLM's own blocks rotate K with a module beside the attention; other code (Hugging Face's,
+        # under vLLM's Transformers backend) may do it in a plain function this match cannot see.
+        raise Mismatch(f"{name}: its attention block {type(block).__name__} is not vLLM's code ({origin})")
     if getattr(attn, "kv_sharing_target_layer_name", None):
         raise Mismatch(f"{name} reads the K/V of {attn.kv_sharing_target_layer_name}")
     fused = [m for m in block.children() if isinstance(m, QKVParallelLinear)]
