@@ -10,7 +10,19 @@ import torch
 
 from vllm import SamplingParams
 
+def _native(arch: str, hf_name: str, *rest):
+    """`arch` (and `rest`) as a test parameter, skipped where this vLLM serves `hf_name` by its Transformers
+    backend (vLLM 0.32 does so for GPT-NeoX and Phi-2; 0.26 has classes of its own for them)."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    registered = ModelRegistry.models.get(hf_name)
+    native = registered is not None and not registered.module_name.endswith(".transformers")
+    return pytest.param(arch, *rest, marks=pytest.mark.skipif(not native, reason=f"this vLLM serves {hf_name} by its "
+                                                                            "Transformers backend"))
+
+
 ARCHS = ["llama", "llama2", "opt", "qwen2", "qwen3", "phi3", "stablelm", "gptj", "gpt2", "bloom", "mixtral"]
+ON_0_26 = {"gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM"}
 
 
 @pytest.fixture
@@ -81,6 +93,7 @@ def _fp8_cache_available() -> bool:
 
 
 @pytest.mark.parametrize("arch,async_load,eager,kv_dtype", [(a, True, True, "auto") for a in ARCHS] + [
+    _native(arch, hf_name, True, True, "auto") for arch, hf_name in ON_0_26.items()] + [
     ("llama2", False, True, "auto"),
     pytest.param("qwen3", True, False, "auto", id="qwen3-compiled", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="on a GPU every case runs compiled")),
@@ -205,7 +218,8 @@ GQA = ("qwen3", "mixtral")  # auto mode keeps no activations for them
 
 
 @pytest.mark.parametrize("arch,ratios", [("llama2", EVERY_RATIO), ("qwen3", EVERY_RATIO), ("mixtral", (0.5, "auto"))]
-                         + [(arch, (0.5,)) for arch in ("phi3", "stablelm", "gptj", "gpt2", "bloom")])
+                         + [(arch, (0.5,)) for arch in ("phi3", "stablelm", "gptj", "gpt2", "bloom")]
+                         + [_native(arch, hf_name, (0.5,)) for arch, hf_name in ON_0_26.items()])
 def test_multi_turn_same_tokens_under_eviction(arch, ratios, tiny_model, make_llm):
     """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU. Every
     family once with half of each restore recomputed; two of them at every ratio. Runs with the

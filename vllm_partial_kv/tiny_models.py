@@ -170,7 +170,8 @@ def _gpt_neox(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
 def _phi(layers: int, hidden: int, heads: int, head_dim: int, ids: dict):
     from transformers import PhiConfig
 
-    return PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    # vLLM's Phi MLP reads n_inner (default 4 x hidden), not intermediate_size.
+    return PhiConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                      num_attention_heads=heads, partial_rotary_factor=0.5, rope_theta=ROPE_THETA,
                      resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
                      architectures=["PhiForCausalLM"], **ids)
