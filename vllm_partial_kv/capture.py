@@ -1,10 +1,11 @@
 """Activation capture: each attention layer's K/V-projection input rows, written by slot.
 
-A forward hook on the layer's fused QKV projection (found by `matcher`) calls one custom op. The op is opaque to torch.compile
-and writes with a fixed-address `index_copy_` driven by vLLM's own slot mapping, so it is safe
-inside CUDA graphs: replays write the rows of whatever batch is running. The hooks go in right
-after the model is loaded (before vLLM's profiling run and compilation); the buffers are bound
-later, once the KV cache size is known, and until then the op does nothing.
+A forward hook on the layer's fused QKV projection (found by `matcher`) calls one custom op. The
+op is opaque to torch.compile and writes with a fixed-address `index_copy_` driven by vLLM's own
+slot mapping, so it is safe inside CUDA graphs: replays write the rows of whatever batch is
+running. The hooks go in right after the model is loaded (before vLLM's profiling run and
+compilation); the buffers are bound later, once the KV cache size is known, and until then the
+op does nothing.
 """
 
 from __future__ import annotations
@@ -145,14 +146,14 @@ def install(model: nn.Module, vllm_config) -> None:
         match.qkv_proj.register_forward_hook(_hook(name))
     first = next(iter(_LAYERS.values()))
     logger.info(
-        "partial_kv: K of %s recomputed as %s%s%s", type(model).__name__,
-        "bias, " if getattr(first.qkv_proj, "bias", None) is not None else "",
-        "RMS norm per head, " if first.k_norm is not None else "",
-        first.rope.describe() if first.rope is not None else "as projected (no rotary)",
+        "partial_kv: capturing K/V-projection inputs of %d layers of %s; K is recomputed from its QKV "
+        "projection (%s bias)%s, %s", len(_LAYERS), type(model).__name__,
+        "with" if getattr(first.qkv_proj, "bias", None) is not None else "no",
+        ", RMS norm per head" if first.k_norm is not None else "",
+        f"rotated by {first.rope.describe()}" if first.rope is not None else "not rotated",
     )
     # vLLM's compile cache must not hand this run a graph traced without the hooks.
     compat.add_to_compile_key(vllm_config, "partial_kv_capture", "qkv_proj inputs")
-    logger.info("partial_kv: capturing K/V-projection inputs of %d layers", len(_LAYERS))
 
 
 def _describe(match: matcher.Match) -> LayerRecompute:
