@@ -53,7 +53,7 @@ def test_files_small_deterministic_and_chat_ready(tmp_path):
 
 def test_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown arch"):
-        make_tiny_model(tmp_path, "gpt2")
+        make_tiny_model(tmp_path, "falcon")
     with pytest.raises(ValueError, match="multiple of head_dim"):
         make_tiny_model(tmp_path, "llama", hidden_size=200)
 
