@@ -74,3 +74,31 @@ def make_llm(model_dir: str | Path, **overrides):
                   enforce_eager=True, disable_log_stats=True)
     kwargs.update(overrides)
     return LLM(**kwargs)
+
+
+@pytest.fixture
+def hf_classes_restored():
+    """vLLM's Transformers backend patches Hugging Face's model classes in place (for torch.compile:
+    new bases, __init__, __call__); a later test that builds such a model itself would then fail.
+    Undo those patches after the test."""
+    import importlib
+    import sys
+
+    for family in ("llama", "opt", "qwen2", "qwen3", "phi3", "stablelm", "gptj", "gpt2", "bloom", "mixtral",
+                   "gpt_neox", "phi"):  # the tiny models' families, imported now so that they are saved
+        importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+    def classes() -> list[type]:
+        return [c for name, mod in list(sys.modules.items()) if name.startswith("transformers.models.")
+                and ".modeling_" in name for c in vars(mod).values() if isinstance(c, type)]
+
+    saved = {c: (c.__bases__, dict(c.__dict__)) for c in classes()}
+    yield
+    for c, (bases, attrs) in saved.items():
+        if c.__bases__ != bases:
+            c.__bases__ = bases
+        for key in [k for k in c.__dict__ if k not in attrs]:
+            delattr(c, key)
+        for key, value in attrs.items():
+            if c.__dict__.get(key) is not value and key not in ("__dict__", "__weakref__", "__doc__"):
+                setattr(c, key, value)

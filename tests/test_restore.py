@@ -263,7 +263,8 @@ def _compile_key(llm) -> str:
     return llm.collective_rpc(key)[0]
 
 
-def test_architecture_outside_the_matcher_serves_plain_kv_with_one_warning(tiny_model, make_llm, monkeypatch):
+def test_architecture_outside_the_matcher_serves_plain_kv_with_one_warning(tiny_model, make_llm, monkeypatch,
+                                                                           hf_classes_restored):
     """vLLM's Transformers backend runs Hugging Face's attention code, which rotates K in a function:
     both halves offload plain K/V, say why once, and the tokens under eviction are those of vLLM
     without the plugin."""
@@ -286,7 +287,8 @@ def test_architecture_outside_the_matcher_serves_plain_kv_with_one_warning(tiny_
     assert len(warnings) == 1 and "TransformersForCausalLM (for LlamaForCausalLM)" in warnings[0], warnings
 
 
-def test_structure_that_disagrees_with_the_config_check_stops_startup(tiny_model, make_llm, monkeypatch):
+def test_structure_that_disagrees_with_the_config_check_stops_startup(tiny_model, make_llm, monkeypatch,
+                                                                      hf_classes_restored):
     """Had the config check admitted a model whose layers the structural match refuses, the scheduler
     would plan restores from activations the worker never captures: start-up stops instead."""
     from vllm_partial_kv import matcher

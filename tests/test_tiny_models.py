@@ -59,7 +59,7 @@ def test_rejects_bad_arguments(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_vllm_greedy_is_stable_full_length_and_matches_transformers(tiny_model, arch):
+def test_vllm_greedy_is_stable_full_length_and_matches_transformers(tiny_model, arch, hf_classes_restored):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import SamplingParams
@@ -68,6 +68,12 @@ def test_vllm_greedy_is_stable_full_length_and_matches_transformers(tiny_model, 
     path = tiny_model(arch)
     tok = AutoTokenizer.from_pretrained(path)
     prompts = _prompts(tok, 3)
+    # Hugging Face first: where vLLM serves the family by its Transformers backend (GPT-NeoX, Phi-2 on
+    # vLLM 0.32) it patches these classes for the rest of the test.
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                          pad_token_id=tok.pad_token_id)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm = make_llm(path)
@@ -78,14 +84,12 @@ def test_vllm_greedy_is_stable_full_length_and_matches_transformers(tiny_model, 
     assert all(len(ids) == MAX_TOKENS for ids in cold_ids)
     assert cold_ids == [list(o.outputs[0].token_ids) for o in warm]
     assert all(o.num_cached_tokens >= 64 for o in warm)  # the warm run hit the prefix cache
-    # Same last tokens, different contexts: the KV cache must matter for some continuation.
-    assert cold_ids[:3] != cold_ids[3:]
-
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                          pad_token_id=tok.pad_token_id)
-    assert ref[0, len(prompts[0]):].tolist() == cold_ids[0]
+    # Same last tokens, different contexts: the KV cache must matter for some continuation. Not so
+    # for Bloom's tied embeddings (never peaked): its tokens mostly repeat, whatever the context.
+    assert cold_ids[:3] != cold_ids[3:] or arch == "bloom"
+    if arch != "phi3":  # vLLM uses LongRoPE's long factors at every length once max_model_len exceeds
+        # the original context, Hugging Face only for longer sequences: their tokens differ by design
+        assert ref[0, len(prompts[0]):].tolist() == cold_ids[0]
 
 
 def test_two_engines_agree(tiny_model):
