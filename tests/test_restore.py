@@ -31,17 +31,13 @@ def make_llm():
 
     Callers drop their previous LLM first: an in-process engine torn down after the next one
     started would take the process-wide parallel state with it."""
-    from conftest import make_llm as base
+    from conftest import drop_parallel_groups, make_llm as base
 
     from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
-    from vllm.distributed.parallel_state import destroy_model_parallel
-
     def make(model, **kwargs):
         gc.collect()
         ensure_kv_transfer_shutdown()  # a failed test may still hold its engine's connector
-        # vLLM 0.26 keeps the first in-process engine's parallel groups, which lack the expert-parallel
-        # group a mixture-of-experts model needs: drop them, no engine is left to use them.
-        destroy_model_parallel()
+        drop_parallel_groups()
         if torch.cuda.is_available():
             kwargs = {"dtype": "bfloat16", "enforce_eager": False, **kwargs}
         return base(model, **kwargs)

@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import make_llm
+from conftest import drop_parallel_groups, make_llm
 
 from vllm_partial_kv.tiny_models import ARCHS, make_tiny_model
 
@@ -76,6 +76,7 @@ def test_vllm_greedy_is_stable_full_length_and_matches_transformers(tiny_model, 
                           pad_token_id=tok.pad_token_id)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    drop_parallel_groups()
     llm = make_llm(path)
     cold = llm.generate(inputs, params, use_tqdm=False)
     warm = llm.generate(inputs, params, use_tqdm=False)
