@@ -388,7 +388,7 @@ class RestoreRuntime:
         largest: dict[int, int] = {}  # token bucket -> the most tokens a restore recomputes in it
         for tokens in range(self.block_size, n + 1, self.block_size):
             largest[1 << (tokens - 1).bit_length()] = tokens
-        rotary = [s.rotary_emb.cos_sin_cache.shape[0] for s in self.layers.values() if s.rotary_emb is not None]
+        rotary = [s.rope.table.shape[0] for s in self.layers.values() if s.rope is not None]
         slots = torch.arange(n) % (self.num_gpu_blocks * self.block_size)
         self._write_index(slots, torch.arange(n) % min(rotary, default=n))
         x = self.staging[0].view(-1, self.staging[0].shape[-1]).zero_()
