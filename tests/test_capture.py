@@ -70,7 +70,7 @@ def test_deployments_recompute_cannot_serve_offload_plain_kv(tiny_model, extra, 
     activations and says why, once."""
     import logging
 
-    from vllm_partial_kv import connector
+    from vllm_partial_kv import deployment
 
     model = tiny_model("llama2")
     archs = extra.pop("architectures", None)
@@ -79,9 +79,9 @@ def test_deployments_recompute_cannot_serve_offload_plain_kv(tiny_model, extra, 
     cfg = _engine_config(model, **extra)
     if archs:
         cfg.model_config.hf_config.architectures = archs
-    monkeypatch.setattr(connector, "_warned_no_capture", set())
-    with caplog.at_level(logging.WARNING, logger="vllm.vllm_partial_kv.connector"):
-        wanted = [connector.activations_wanted(cfg) for _ in range(2)]
+    monkeypatch.setattr(deployment, "_warned_no_capture", set())
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_partial_kv.deployment"):
+        wanted = [deployment.activations_wanted(cfg) for _ in range(2)]
     assert wanted == [reason is None] * 2
     warnings = [r.getMessage() for r in caplog.records if "cannot recompute" in r.getMessage()]
     assert len(warnings) == (reason is not None) and all(reason in w for w in warnings), warnings
@@ -90,9 +90,9 @@ def test_deployments_recompute_cannot_serve_offload_plain_kv(tiny_model, extra, 
 @pytest.mark.parametrize("kv_cache_dtype,wanted", [("auto", True), ("fp8", False)])
 def test_auto_mode_keeps_activations_only_when_smaller_than_the_cached_kv(tiny_model, kv_cache_dtype, wanted):
     """A multi-head model's activations are half its K/V, but as large as an fp8 cache's K/V."""
-    from vllm_partial_kv import connector
+    from vllm_partial_kv import deployment
 
     cfg = _engine_config(tiny_model("llama2"), ratio="auto", kv_cache_dtype=kv_cache_dtype)
-    shape = connector.model_shape(cfg)
+    shape = deployment.model_shape(cfg)
     assert shape.kv_bytes_per_token == 2 * shape.act_bytes_per_token // (1 if wanted else 2)
-    assert connector.activations_wanted(cfg) is wanted
+    assert deployment.activations_wanted(cfg) is wanted

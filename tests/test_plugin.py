@@ -95,7 +95,7 @@ def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
     """vLLM sizes its KV cache from the memory it measured; with activations kept, the KV cache
     gets kv/(kv+act) of it after the staging buffers, so both fit."""
     from vllm_partial_kv import compat
-    from vllm_partial_kv.connector import kv_budget_with_activations, model_shape
+    from vllm_partial_kv.deployment import kv_budget_with_activations, model_shape
 
     gib = 1 << 30
     mha = _config(tiny_model("llama2"), 0.5)
@@ -125,7 +125,7 @@ def test_forward_ratio_of_real_shapes():
     """The planner's forward model in units of the K/V projection, from the model config."""
     from types import SimpleNamespace
 
-    from vllm_partial_kv.connector import forward_ratio
+    from vllm_partial_kv.deployment import forward_ratio
 
     llama7b = SimpleNamespace(intermediate_size=11008)
     assert forward_ratio(llama7b, 4096, 4096, 4096) == pytest.approx(6.03, abs=0.01)

@@ -132,11 +132,8 @@ def why_not_captured(vllm_config) -> str | None:
 
 
 def install(model: nn.Module, vllm_config) -> None:
-    """Hook every attention block of a freshly loaded model (called by the model-loader wrap)."""
-    from vllm_partial_kv.connector import activations_wanted
-
-    if not activations_wanted(vllm_config):
-        return
+    """Hook every attention block of a freshly loaded model (called by the model-loader wrap
+    when `deployment.activations_wanted`)."""
     _LAYERS.clear()
     for module in model.modules():
         attn, qkv = getattr(module, "attn", None), getattr(module, "qkv_proj", None)

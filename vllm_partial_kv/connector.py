@@ -21,11 +21,10 @@ from typing import Any
 import torch
 
 from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
-from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
 from vllm_partial_kv import capture, compat, planner
+from vllm_partial_kv.deployment import activations_wanted, extra_config, model_shape, staging_bytes
 from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
-from vllm_partial_kv.kernels import SPLIT_ROWS
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
 from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_budget
@@ -33,97 +32,7 @@ from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slot
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 
-# ------------------------------------------------------------------------------ shared decisions
-def _extra_config(vllm_config) -> dict[str, Any]:
-    return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-
-
-def uses_this_connector(vllm_config) -> bool:
-    kv = getattr(vllm_config, "kv_transfer_config", None)
-    return kv is not None and kv.kv_connector == "PartialRecomputeConnector"
-
-
-def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShape:
-    mc, parallel = vllm_config.model_config, vllm_config.parallel_config
-    hidden, head = mc.get_hidden_size(), mc.get_head_size()
-    kv_heads = mc.get_num_kv_heads(parallel)
-    return planner.ModelShape(
-        num_layers=mc.get_num_layers(parallel),
-        hidden_size=hidden,
-        num_kv_heads=kv_heads,
-        head_size=head,
-        dtype_bytes=mc.dtype.itemsize,
-        kv_dtype_bytes=kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, mc).itemsize,
-        block_size=block_size or vllm_config.cache_config.block_size,
-        forward_ratio=forward_ratio(
-            mc.hf_text_config, hidden, mc.get_num_attention_heads(parallel) * head, kv_heads * head,
-            parallel.tensor_parallel_size,
-        ),
-    )
-
-
-def forward_ratio(hf_config, hidden: int, q_dim: int, kv_dim: int, tp: int = 1) -> float:
-    """A layer's projection GEMMs per token (QKV, output, MLP: gated unless the config names an
-    OPT-style `ffn_dim`) in units of its K/V projection's, for the planner's forward model."""
-    if getattr(hf_config, "ffn_dim", None):
-        mlp = 2 * hidden * hf_config.ffn_dim
-    else:
-        mlp = 3 * hidden * (getattr(hf_config, "intermediate_size", None) or 4 * hidden)
-    return (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + mlp / tp) / (2 * hidden * kv_dim)
-
-
-_warned_no_capture: set[str] = set()  # reasons already logged (both halves ask, each process)
-
-
-def activations_wanted(vllm_config) -> bool:
-    """Both halves decide this the same way, from configuration alone.
-
-    Activations are kept when a fixed ratio > 0 asks for them, or in auto mode when they are
-    smaller than the K/V they replace (multi-head attention); for grouped-query models they are
-    larger, so recompute from them can only lose and auto mode stores plain K/V.
-    """
-    if not uses_this_connector(vllm_config):
-        return False
-    cfg = parse_config(_extra_config(vllm_config))
-    reason = capture.why_not_captured(vllm_config)
-    if reason is not None:
-        if cfg.recompute_ratio != 0 and reason not in _warned_no_capture:
-            _warned_no_capture.add(reason)
-            logger.warning("partial_kv: cannot recompute from activations: %s; offloading plain KV instead", reason)
-        return False
-    if cfg.wants_activations is not None:
-        return cfg.wants_activations
-    shape = model_shape(vllm_config)
-    return shape.act_bytes_per_token < shape.kv_bytes_per_token
-
-
-def kv_budget_with_activations(vllm_config, available: int) -> int:
-    """The part of the memory vLLM found for its KV cache that the KV cache may take, so that the
-    activation buffers (one row per KV slot, plus restore staging) fit beside it. vLLM sizes the
-    KV cache without knowing about them; an explicit kv_cache_memory_bytes is left alone (the
-    start-up room check then tells the user if the rest does not fit)."""
-    if vllm_config.cache_config.kv_cache_memory_bytes or not activations_wanted(vllm_config):
-        return available
-    shape = model_shape(vllm_config)
-    kv_per_token = shape.kv_bytes_per_token
-    staging = _staging_bytes(shape, parse_config(_extra_config(vllm_config)))
-    kv = int(max(0, available - staging) * kv_per_token / (kv_per_token + shape.act_bytes_per_token))
-    logger.info(
-        "partial_kv: of the %.2f GiB vLLM found for the KV cache, %.2f GiB go to activation "
-        "capture and restore staging (set kv_cache_memory_bytes to size the KV cache yourself)",
-        available / 2**30, (available - kv) / 2**30,
-    )
-    return kv
-
-
-def _staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
-    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens, and
-    the workspace of the recompute's cuBLAS GEMM (one chunk of K and V)."""
-    k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes  # the GEMM's dtype
-    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
-    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace
-
-
+# ------------------------------------------------------------------------------ host store size
 def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> int:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
@@ -162,7 +71,7 @@ class _Request:
 class PartialRecomputeConnector(compat.KVConnectorBase_V1):
     def __init__(self, vllm_config, role, kv_cache_config=None, **kwargs) -> None:
         super().__init__(vllm_config, role, kv_cache_config, **kwargs)
-        self.cfg = parse_config(_extra_config(vllm_config))
+        self.cfg = parse_config(extra_config(vllm_config))
         self.with_act = activations_wanted(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
         if self.with_act and self.cfg.max_recompute_tokens < self.block_size:
@@ -375,7 +284,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes * self.with_act)
         rows = num_blocks * self.block_size + 1
         on_device = self.with_act * (  # capture buffers + staging
-            rows * len(views) * self.shape.act_bytes_per_token + _staging_bytes(self.shape, self.cfg)
+            rows * len(views) * self.shape.act_bytes_per_token + staging_bytes(self.shape, self.cfg)
         )
         host = device if device.type == "cpu" else torch.device("cpu")
         needs = {device: on_device}
