@@ -13,10 +13,16 @@ from vllm_partial_kv import capture
 NAME = "model.layers.0.self_attn.attn"
 
 
+BS = 4
+# KV block -> capture block: blocks 1 and 2 are being filled with capture blocks 1 and 0; blocks 0
+# and 3 have none (their rows, like padding, go to the spare row).
+BLOCK_MAP = [-1, 1, 0, -1]
+
+
 @pytest.fixture
 def buf():
-    buffer = torch.zeros(9, 4)  # 8 slots and the spare row that takes padding
-    capture.bind_buffers({NAME: buffer})
+    buffer = torch.zeros(2 * BS + 1, 4)  # two capture blocks and the spare row
+    capture.bind_buffers({NAME: buffer}, torch.tensor(BLOCK_MAP, dtype=torch.int32), BS)
     yield buffer
     capture.bind_buffers({})
 
@@ -30,12 +36,19 @@ def test_rows_written_by_slot_mapping(buf, mode, metadata):
     """A piecewise CUDA graph records what the op does while vLLM captures it, with no attention
     metadata: an op that wrote nothing then would capture nothing in every replayed step."""
     x = torch.arange(12.0).view(3, 4) + 1
-    slots = torch.tensor([2, 5, -1])  # -1: padding, goes to the spare row
+    slots = torch.tensor([6, 9, -1])  # block 1 offset 2, block 2 offset 1; -1: padding
     with set_forward_context({NAME: object()} if metadata else None, VllmConfig(),
                              cudagraph_runtime_mode=mode, slot_mapping={NAME: slots}):
         torch.ops.partial_kv.capture(x, x, NAME)
-    assert torch.equal(buf[[2, 5, 8]], x)
-    assert not buf[[0, 1, 3, 4, 6, 7]].any()
+    assert torch.equal(buf[[BS + 2, 1, 2 * BS]], x)
+    assert not buf[[0, 2, 3, 4, 5, 7]].any()
+
+
+def test_blocks_without_a_capture_block_write_only_the_spare_row(buf):
+    x = torch.ones(3, 4)
+    with set_forward_context(None, VllmConfig(), slot_mapping={NAME: torch.tensor([0, 3, 13])}):
+        torch.ops.partial_kv.capture(x, x, NAME)
+    assert not buf[: 2 * BS].any() and buf[2 * BS].all()
 
 
 def test_nothing_written_outside_a_forward_or_without_slot_mapping(buf):

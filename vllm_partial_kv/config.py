@@ -22,6 +22,9 @@ class PartialKVConfig:
     """Store only prompt blocks; by default decode-phase blocks are stored too."""
     max_recompute_tokens: int = 16384
     """Staging capacity for activations per restore step (GPU memory, double-buffered)."""
+    capture_tokens: int | None = None
+    """Activation rows per layer kept on the GPU for blocks being filled or stored; None: sized
+    from max_num_seqs and max_num_batched_tokens, at most DEFAULT_CAPTURE_TOKENS."""
     kernel: str = "auto"
     """Recompute backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     profile_cache_dir: str | None = None
@@ -53,6 +56,8 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
         out["max_recompute_tokens"] = _positive_int(
             "max_recompute_tokens", extra["max_recompute_tokens"]
         )
+    if extra.get("capture_tokens") is not None:  # null: the default
+        out["capture_tokens"] = _positive_int("capture_tokens", extra["capture_tokens"])
     if "recompute_ratio" in extra:
         out["recompute_ratio"] = _ratio(extra["recompute_ratio"])
     for name in ("offload_prompt_only", "async_load"):

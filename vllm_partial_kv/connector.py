@@ -23,7 +23,10 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
 from vllm_partial_kv import capture, compat, planner
-from vllm_partial_kv.deployment import activations_wanted, extra_config, model_shape, staging_bytes
+from vllm_partial_kv.capture_space import CaptureSpace
+from vllm_partial_kv.deployment import (
+    activations_wanted, capture_blocks, extra_config, model_shape, staging_bytes,
+)
 from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
@@ -54,7 +57,10 @@ class PartialKVMetadata(compat.KVConnectorMetadata):
     forward_tokens: int = 0  # tokens the step's forward computes (all requests)
     store_block_ids: list[int] = field(default_factory=list)
     store_slots: list[int] = field(default_factory=list)
-    store_act: list[bool] = field(default_factory=list)  # per stored block: keep its activations
+    store_capture: list[int] = field(default_factory=list)  # per stored block: its capture block, -1: none
+    # Every block the forward writes this step, and the capture block its rows go to (-1: none).
+    capture_block_ids: list[int] = field(default_factory=list)
+    capture_blocks: list[int] = field(default_factory=list)
     new_block_ids: list[int] = field(default_factory=list)  # allocated this step: about to be written
 
 
@@ -66,6 +72,7 @@ class _Request:
     load: tuple[int, list[Entry]] | None = None  # (first block, its host entries) to restore
     pinned: list[Entry] = field(default_factory=list)
     replace_ids: bool = True  # next block ids from the scheduler are the whole list
+    capture: dict[int, int] = field(default_factory=dict)  # block index -> lent capture block
 
 
 class PartialRecomputeConnector(compat.KVConnectorBase_V1):
@@ -88,9 +95,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self._matched: dict[str, tuple[int, int]] = {}
             self._to_load: list[str] = []  # requests whose load goes into the next metadata
             self._in_flight: dict[str, list[Entry]] = {}  # async loads: request -> pinned entries
-            # GPU block -> hash of the block restored into it: its activation rows were never
-            # written (restores write K/V only), so storing it again must not keep them.
+            # GPU block -> hash of the block restored into it, to find the host copies of a
+            # failed restore.
             self._restored: dict[int, bytes] = {}
+            self.capture = CaptureSpace(capture_blocks(vllm_config) if self.with_act else 0)
             # Requests finished in the last two steps, with the step: vLLM fails a request whose
             # synchronous restore failed before it tells the connector which blocks failed, and
             # with async scheduling a step's outcome arrives after the next step is scheduled.
@@ -98,7 +106,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self._steps = 0
             logger.info(
                 "partial_kv: %d host block slots (cpu_bytes=%d), activations %s, ratio %s",
-                self.num_slots, self.cfg.cpu_bytes, "kept" if self.with_act else "not kept",
+                self.num_slots, self.cfg.cpu_bytes,
+                f"kept (capture space: {self.capture.num_blocks} blocks)" if self.with_act else "not kept",
                 "auto" if self.cfg.recompute_ratio is None else self.cfg.recompute_ratio,
             )
         else:
@@ -141,6 +150,9 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         self._steps += 1
         self._finished = [(step, s) for step, s in self._finished if self._steps - step < 2]
         scheduled = []
+        for req_id in scheduler_output.preempted_req_ids or ():
+            if req_id in self.reqs:  # its blocks are freed: it starts them again when resumed
+                self._give_back_capture(self.reqs[req_id])
         for req_id, new_ids, resumed in yield_req_data(scheduler_output):
             state = self.reqs.get(req_id)
             if state is None:
@@ -148,6 +160,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             if new_ids is not None:
                 ids = list(new_ids[0])
                 replace = resumed or state.replace_ids
+                if replace:
+                    self._give_back_capture(state)
                 # A new or resumed request's whole block list: its leading local prefix-cache
                 # hits are only read, so the fence skips them (a restore's blocks are fenced).
                 hits = state.load[0] if state.load else state.request.num_computed_tokens // self.block_size
@@ -162,9 +176,14 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 if self.cfg.async_load:  # the restore writes them; vLLM the rest once scheduled
                     meta.new_block_ids += meta.loads[-1].block_ids
         self._to_load = []
+        # Every lend before any give-back: a capture block one request's store reads after
+        # this forward must not be written by another request's blocks in the same forward.
+        for req_id, state in scheduled:
+            self._map_capture(req_id, state, scheduler_output, meta)
         fresh: list[Entry] = []  # this step's new entries: not evicted by its later blocks
         for req_id, state in scheduled:
             fresh += self._plan_stores(req_id, state, scheduler_output, meta)
+            self._give_back_capture(state, below=state.stored_blocks)
         self.index.unpin(fresh)
         loading = {spec.req_id for spec in meta.loads}
         meta.busy = any(r not in loading for r in scheduler_output.num_scheduled_tokens)
@@ -221,6 +240,31 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         dropped = self.index.discard(failed)
         logger.warning("partial_kv: dropped %d host blocks of failed restores", dropped)
 
+    def _map_capture(self, req_id: str, state: _Request, scheduler_output, meta) -> None:
+        """Lends capture blocks to the request's blocks that start filling in this step (a block
+        started without one keeps none: its earlier rows are lost), and tells the worker where
+        the rows of every block this step writes go."""
+        if not self.with_act:
+            return
+        start = state.request.num_computed_tokens
+        end = start + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        storable = len(state.block_ids)
+        if self.cfg.offload_prompt_only:
+            storable = min(storable, state.request.num_prompt_tokens // self.block_size)
+        for i in range(start // self.block_size, min(-(-end // self.block_size), len(state.block_ids))):
+            fresh = i * self.block_size >= start and i not in state.capture
+            if fresh and state.stored_blocks <= i < storable:
+                block = self.capture.lend()
+                if block is not None:
+                    state.capture[i] = block
+            meta.capture_block_ids.append(state.block_ids[i])
+            meta.capture_blocks.append(state.capture.get(i, -1))
+
+    def _give_back_capture(self, state: _Request, below: int | None = None) -> None:
+        """Capture blocks of blocks whose store is issued (index < `below`), or all of them."""
+        done = [i for i in state.capture if below is None or i < below]
+        self.capture.give_back(state.capture.pop(i) for i in done)
+
     def _plan_stores(self, req_id: str, state: _Request, scheduler_output, meta) -> list[Entry]:
         """Allocates host slots for the request's newly full blocks; returns their entries,
         pinned, so that later blocks of the same step do not evict them (two copies into one
@@ -236,16 +280,15 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             if hashes[i] in self.index:
                 self.index.touch(hashes[i])
                 continue
-            block = state.block_ids[i]
-            with_act = self.with_act and self._restored.get(block) != hashes[i]
-            slot = self.index.allocate(hashes[i], with_act)
+            captured = state.capture.get(i, -1)  # its rows are the block's own inputs
+            slot = self.index.allocate(hashes[i], captured >= 0)
             if slot is None:  # every slot pinned (loads in flight, this step's stores)
                 full = i  # not an error: stored in a later step if a slot frees up
                 break
             fresh += self.index.pin([hashes[i]])
-            meta.store_block_ids.append(block)
+            meta.store_block_ids.append(state.block_ids[i])
             meta.store_slots.append(slot)
-            meta.store_act.append(with_act)
+            meta.store_capture.append(captured)
         state.stored_blocks = max(state.stored_blocks, full)
         return fresh
 
@@ -254,6 +297,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         # (vLLM keeps its blocks until then too).
         state = self.reqs.pop(request.request_id, None)
         if state is not None:
+            self._give_back_capture(state)
             self.index.unpin(state.pinned)
             state.pinned = []
             self._finished.append((self._steps, state))
@@ -282,28 +326,36 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
         num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes * self.with_act)
-        rows = num_blocks * self.block_size + 1
-        on_device = self.with_act * (  # capture buffers + staging
-            rows * len(views) * self.shape.act_bytes_per_token + staging_bytes(self.shape, self.cfg)
+        rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
+        on_device = self.with_act * (  # capture space, its map, staging
+            rows * len(views) * self.shape.act_bytes_per_token + 4 * num_blocks
+            + staging_bytes(self.shape, self.cfg)
         )
         host = device if device.type == "cpu" else torch.device("cpu")
         needs = {device: on_device}
         needs[host] = needs.get(host, 0) + num_slots * (kv_bytes + act_bytes * self.with_act)
         ensure_room(needs)
-        act_buffers = {}
+        act_buffers, capture_map = {}, None
         if self.with_act:
             act_buffers = {
                 n: torch.zeros(rows, layers[n].hidden_size, dtype=dtype, device=device)
                 for n in kv_caches
             }
-            capture.bind_buffers(act_buffers)
+            capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+            capture.bind_buffers(act_buffers, capture_map, self.block_size)
         act_shape = (self.block_size, self.shape.hidden_size) if self.with_act else None
         pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda")
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
-            self.cfg.max_recompute_tokens, self.cfg.kernel,
+            self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
         )
         self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
+        if self.with_act:
+            logger.info(
+                "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s beside "
+                "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
+                kv_bytes * num_blocks / 2**30,
+            )
         if self.with_act and self.cfg.recompute_ratio is None:
             self.profiles = self._load_profiles()
 
@@ -329,9 +381,13 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata) -> None:
         """vLLM calls this every step before it writes anything into the KV cache: blocks it
-        just allocated may have been freed while a store was still reading them."""
-        if self.runtime is not None and isinstance(kv_connector_metadata, PartialKVMetadata):
-            self.runtime.fence_blocks(kv_connector_metadata.new_block_ids)
+        just allocated may have been freed while a store was still reading them, and the
+        capture op must know this step's capture blocks (before the forward, not in
+        `start_load_kv`, which vLLM 0.32 may call after launching it)."""
+        meta = kv_connector_metadata
+        if self.runtime is not None and isinstance(meta, PartialKVMetadata):
+            self.runtime.fence_blocks(meta.new_block_ids)
+            self.runtime.set_capture_map(meta.capture_block_ids, meta.capture_blocks)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._get_connector_metadata()
@@ -412,7 +468,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata):
             return
-        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_act)
+        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture)
 
     def get_kv_connector_stats(self):
         if self.runtime is None:

@@ -160,9 +160,9 @@ def ensure_room(needs: dict[torch.device, int]) -> None:
             hint = "lower cpu_bytes (--kv-offload-size)"
         else:
             hint = (
-                "leave room for the activation buffers (half the KV cache for multi-head models): "
-                "lower --gpu-memory-utilization or set --kv-cache-memory-bytes, or set "
-                "recompute_ratio to 0 to keep no activations"
+                "leave room for the capture space and restore staging: lower "
+                "--gpu-memory-utilization or --kv-cache-memory-bytes, lower capture_tokens or "
+                "max_recompute_tokens, or set recompute_ratio to 0 to keep no activations"
             )
         raise RuntimeError(
             f"partial_kv needs {need / 2**30:.2f} GiB of {device} memory for its store and "
