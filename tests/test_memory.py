@@ -77,15 +77,17 @@ def test_capture_and_staging_do_not_grow_with_the_kv_cache(tiny_model, make_llm,
     assert small_kv == kv // 4 and extra - small_extra == 4 * (blocks - small_blocks)
 
 
-def test_exhausted_capture_space_stores_kv_only_and_keeps_the_tokens(tiny_model, make_llm):  # noqa: F811
+@pytest.mark.parametrize("layout", ["kv+act", "act"])
+def test_exhausted_capture_space_stores_kv_only_and_keeps_the_tokens(layout, tiny_model, make_llm):  # noqa: F811
     """More running sequences than the capture space has blocks (2): blocks that found none are
     stored without activations (and counted), restores recompute only the leading blocks that
-    have them and stream the rest, and the greedy tokens are vLLM's own."""
+    have them and stream the rest, and the greedy tokens are vLLM's own. In host layout "act"
+    the blocks with activations are stored without K/V: their restores must recompute them."""
     model = tiny_model("llama2")
     sp = SamplingParams(temperature=0, max_tokens=40)
     prompts = [_prompt(300 + i, 4 * 32 + 10) for i in range(4)]
     expected = [o.outputs[0].token_ids for o in make_llm(model).generate(prompts, sp, use_tqdm=False)]
-    llm = make_llm(model, kv_transfer_config=_connector_cfg(1.0, capture_tokens=64))
+    llm = make_llm(model, kv_transfer_config=_connector_cfg(1.0, capture_tokens=64, host_layout=layout))
     scheduler, worker = _scheduler_connector(llm), _worker()
     assert scheduler.capture.num_blocks == 2 and worker.runtime.act_views[worker.runtime.names[0]].shape[0] == 2
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == expected
@@ -101,12 +103,46 @@ def test_exhausted_capture_space_stores_kv_only_and_keeps_the_tokens(tiny_model,
     assert any(0 < spec.recompute_blocks < len(spec.block_ids) for spec in loads) or (
         any(spec.recompute_blocks == 0 for spec in loads) and any(spec.recompute_blocks for spec in loads)
     ), [(spec.recompute_blocks, len(spec.block_ids)) for spec in loads]
-    runtime = worker.runtime  # every restored block holds the K/V vLLM computed (on the host)
-    for name in runtime.names:
-        for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
-            for spec in loads:
-                torch.testing.assert_close(gpu[spec.block_ids], host[spec.slots], rtol=1e-3, atol=1e-3)
+    index = scheduler.index
+    assert all(not index.get(h).has_kv for h in list(index._entries) if index.get(h).has_activations) == (
+        layout == "act")
+    if layout == "kv+act":  # every restored block holds the K/V vLLM computed (on the host)
+        runtime = worker.runtime
+        for name in runtime.names:
+            for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
+                for spec in loads:
+                    torch.testing.assert_close(gpu[spec.block_ids], host[spec.slots], rtol=1e-3, atol=1e-3)
+    else:  # nothing to stream for activations-only blocks: each restore recomputes all of them
+        assert all(spec.recompute_blocks == spec.must_recompute for spec in loads)
     del llm
+
+
+@pytest.mark.parametrize("arch", ["llama2", "qwen3"])
+def test_host_layouts_hold_the_same_kv(arch, tiny_model, make_llm):  # noqa: F811
+    """Each host layout restores the K/V vLLM wrote (compared with the K/V the GPU held before
+    the restore) and gives vLLM's greedy tokens. In "act" the planner's ratio (0.5) cannot apply:
+    blocks without K/V on the host must all be recomputed."""
+    model = tiny_model(arch)
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    prompt = _prompt(11, 6 * 32 + 5)
+    expected = make_llm(model).generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    for layout in ("kv+act", "act", "kv"):
+        llm = make_llm(model, kv_transfer_config=_connector_cfg({"kv+act": 1.0, "act": 0.5, "kv": 0.0}[layout], host_layout=layout))
+        runtime, stored = _worker().runtime, []
+        store = runtime.store
+        runtime.store = lambda ids, *a: (stored.extend(ids), store(ids, *a))
+        assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected
+        before = {n: [v[stored[:6]].clone() for v in runtime.gpu_views[n]] for n in runtime.names}
+        llm.reset_prefix_cache()
+        for cache in runtime.kv_caches.values():
+            cache.zero_()
+        assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected, layout
+        (load,) = runtime.last_loads
+        assert len(load.block_ids) == 6 and load.recompute_blocks == (6 if layout != "kv" else 0), layout
+        for name in runtime.names:
+            for gpu, original in zip(runtime.gpu_views[name], before[name]):
+                torch.testing.assert_close(gpu[load.block_ids], original, rtol=1e-3, atol=1e-3)
+        del llm, runtime
 
 
 def test_capture_blocks_go_to_blocks_filled_from_their_first_token():
@@ -143,3 +179,29 @@ def test_capture_blocks_go_to_blocks_filled_from_their_first_token():
     assert meta.capture_blocks == [-1] and conn.capture.num_free == 1
     PartialRecomputeConnector._give_back_capture(conn, state)  # finished or preempted
     assert conn.capture.num_free == 2 and not state.capture
+
+
+def test_activations_only_layout_holds_more_tokens():
+    """At equal cpu_bytes, for a multi-head model (activations half the K/V): "act" holds at least
+    1.9x the blocks of "kv", "kv+act" two thirds of them; each kind of slot evicts its own."""
+    from vllm_partial_kv.store import BlockIndex, slots_for_layout
+
+    kv_block, act_block, cpu_bytes = 2 * 4 * 64 * 4 * 32 * 4, 256 * 4 * 32 * 4, 64 << 20
+    kv_only = sum(slots_for_layout(cpu_bytes, kv_block, act_block, "kv"))
+    assert sum(slots_for_layout(cpu_bytes, kv_block, act_block, "act")) >= 1.9 * kv_only
+    assert sum(slots_for_layout(cpu_bytes, kv_block, act_block, "kv+act")) == kv_only * 2 // 3
+    index = BlockIndex(1, act_slots=2)
+    assert [index.allocate(b"a", True), index.allocate(b"b", True), index.allocate(b"k", False)] == [0, 1, 0]
+    assert index.allocate(b"c", True) == 0 and b"a" not in index and b"k" in index  # its own kind
+    assert not index.get(b"c").has_kv and index.get(b"k").has_kv
+
+
+def test_host_layout_is_validated():
+    from vllm_partial_kv.config import ConfigError, parse_config
+
+    assert parse_config({}).host_layout == "kv+act"
+    assert parse_config({"host_layout": "kv"}).wants_activations is False
+    with pytest.raises(ConfigError, match="host_layout must be one of"):
+        parse_config({"host_layout": "kv-act"})
+    with pytest.raises(ConfigError, match="host_layout \"kv\" keeps no activations"):
+        parse_config({"host_layout": "kv", "recompute_ratio": 0.5})

@@ -30,23 +30,26 @@ from vllm_partial_kv.deployment import (
 from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
-from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_budget
+from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 
 # ------------------------------------------------------------------------------ host store size
-def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> int:
+def _layout(cfg: PartialKVConfig, with_act: bool) -> str:
+    """The host layout served: without activations every layout is "kv"."""
+    return cfg.host_layout if with_act else "kv"
+
+
+def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> tuple[int, int]:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise ValueError("PartialRecomputeConnector supports one KV cache group (full attention)")
     spec = groups[0].kv_cache_spec
     n_layers = len(groups[0].layer_names)
-    per_block = spec.page_size_bytes * n_layers
-    if with_act:
-        shape = model_shape(vllm_config, spec.block_size)
-        per_block += spec.block_size * shape.act_bytes_per_token * n_layers
-    return slots_for_budget(cfg.cpu_bytes, per_block)
+    shape = model_shape(vllm_config, spec.block_size)
+    act_block = spec.block_size * shape.act_bytes_per_token * n_layers
+    return slots_for_layout(cfg.cpu_bytes, spec.page_size_bytes * n_layers, act_block, _layout(cfg, with_act))
 
 
 # ------------------------------------------------------------------------------ metadata
@@ -58,6 +61,7 @@ class PartialKVMetadata(compat.KVConnectorMetadata):
     store_block_ids: list[int] = field(default_factory=list)
     store_slots: list[int] = field(default_factory=list)
     store_capture: list[int] = field(default_factory=list)  # per stored block: its capture block, -1: none
+    store_kv: list[bool] = field(default_factory=list)  # per stored block: copy its K/V (not: layout "act")
     # Every block the forward writes this step, and the capture block its rows go to (-1: none).
     capture_block_ids: list[int] = field(default_factory=list)
     capture_blocks: list[int] = field(default_factory=list)
@@ -89,8 +93,12 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         self.is_scheduler = role == compat.KVConnectorRole.SCHEDULER
         self.runtime: RestoreRuntime | None = None  # worker half, once KV caches exist
         if self.is_scheduler:
-            self.num_slots = _num_slots(vllm_config, kv_cache_config, self.cfg, self.with_act)
-            self.index = BlockIndex(self.num_slots)
+            self.layout = _layout(self.cfg, self.with_act)
+            self.num_slots, act_slots = _num_slots(vllm_config, kv_cache_config, self.cfg, self.with_act)
+            self.index = BlockIndex(self.num_slots, act_slots)
+            # Blocks that restores of this step must recompute (activations-only slots), within
+            # the staging capacity; counted as get_num_new_matched_tokens offers them.
+            self._forced_blocks = 0
             self.reqs: dict[str, _Request] = {}
             self._matched: dict[str, tuple[int, int]] = {}
             self._to_load: list[str] = []  # requests whose load goes into the next metadata
@@ -105,8 +113,9 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self._finished: list[tuple[int, _Request]] = []
             self._steps = 0
             logger.info(
-                "partial_kv: %d host block slots (cpu_bytes=%d), activations %s, ratio %s",
-                self.num_slots, self.cfg.cpu_bytes,
+                "partial_kv: %d host block slots%s (cpu_bytes=%d, host layout %s), activations %s, ratio %s",
+                self.num_slots, f" + {act_slots} activations-only" if act_slots else "",
+                self.cfg.cpu_bytes, self.layout,
                 f"kept (capture space: {self.capture.num_blocks} blocks)" if self.with_act else "not kept",
                 "auto" if self.cfg.recompute_ratio is None else self.cfg.recompute_ratio,
             )
@@ -122,13 +131,30 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         hashes = compat.request_block_hashes(request)
         first = num_computed_tokens // self.block_size
-        hits = self.index.count_prefix_hits(hashes[first:])
         # vLLM must compute at least one token itself.
-        hits = min(hits, max(0, (request.num_tokens - 1) // self.block_size - first))
+        hits, forced = self._hits(hashes[first : max(first, (request.num_tokens - 1) // self.block_size)])
         if hits == 0:
             return 0, False
+        self._forced_blocks += forced
         self._matched[request.request_id] = (first, hits)
         return hits * self.block_size, self.cfg.async_load
+
+    def _hits(self, hashes: list[bytes]) -> tuple[int, int]:
+        """Leading stored blocks a restore can serve, and how many of them it must recompute:
+        activations-only blocks form a leading run (a restore recomputes [0, r) and streams the
+        rest), within what this step's staging still holds."""
+        capacity = self.cfg.max_recompute_tokens // self.block_size - self._forced_blocks
+        n = forced = 0
+        for h in hashes:
+            entry = self.index.get(h)
+            if entry is None:
+                break
+            if not entry.has_kv:
+                if n > forced or forced >= capacity:
+                    break
+                forced += 1
+            n += 1
+        return n, forced
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         state = self.reqs.setdefault(request.request_id, _Request(request))
@@ -147,6 +173,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> PartialKVMetadata:
         meta = PartialKVMetadata()
+        self._forced_blocks = 0  # the offers of this step's scheduling are in this metadata
         self._steps += 1
         self._finished = [(step, s) for step, s in self._finished if self._steps - step < 2]
         scheduled = []
@@ -211,6 +238,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             first_position=first * self.block_size,
             recompute_blocks=_leading_with_act(entries),
             req_id=req_id,
+            must_recompute=_leading_with_act(entries, without_kv=True),
         )
 
     def update_connector_output(self, connector_output) -> None:
@@ -289,6 +317,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             meta.store_block_ids.append(state.block_ids[i])
             meta.store_slots.append(slot)
             meta.store_capture.append(captured)
+            meta.store_kv.append(self.index.get(hashes[i]).has_kv)
         state.stored_blocks = max(state.stored_blocks, full)
         return fresh
 
@@ -325,7 +354,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
-        num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes * self.with_act)
+        layout = _layout(self.cfg, self.with_act)
+        num_slots, act_slots = slots_for_layout(self.cfg.cpu_bytes, kv_bytes, act_bytes, layout)
         rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
         on_device = self.with_act * (  # capture space, its map, staging
             rows * len(views) * self.shape.act_bytes_per_token + 4 * num_blocks
@@ -333,7 +363,9 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         )
         host = device if device.type == "cpu" else torch.device("cpu")
         needs = {device: on_device}
-        needs[host] = needs.get(host, 0) + num_slots * (kv_bytes + act_bytes * self.with_act)
+        needs[host] = needs.get(host, 0) + num_slots * kv_bytes + act_bytes * (
+            act_slots if layout == "act" else num_slots * (layout == "kv+act")
+        )
         ensure_room(needs)
         act_buffers, capture_map = {}, None
         if self.with_act:
@@ -344,7 +376,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
             capture.bind_buffers(act_buffers, capture_map, self.block_size)
         act_shape = (self.block_size, self.shape.hidden_size) if self.with_act else None
-        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda")
+        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
+                        act_slots=act_slots if layout == "act" else None)
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
             self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
@@ -450,8 +483,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 self.shape, profile, requests, ratio=self.cfg.recompute_ratio,
                 max_recompute_tokens=self.runtime.max_recompute_tokens, forward_s=forward_s,
             )
-        for spec, r in zip(loads, split):
-            spec.recompute_blocks = r
+        for spec, r in zip(loads, split):  # activations-only blocks have nothing to stream
+            spec.recompute_blocks = max(r, spec.must_recompute)
         logger.debug("partial_kv: restoring %s blocks, recomputing %s", [len(s.block_ids) for s in loads], split)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -468,7 +501,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata):
             return
-        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture)
+        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture, meta.store_kv)
 
     def get_kv_connector_stats(self):
         if self.runtime is None:
@@ -492,10 +525,11 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         return PartialKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
-def _leading_with_act(entries: list[Entry]) -> int:
+def _leading_with_act(entries: list[Entry], without_kv: bool = False) -> int:
+    """Leading entries with activations (that can be recomputed), or without K/V (that must be)."""
     n = 0
     for entry in entries:
-        if not entry.has_activations:
+        if not entry.has_activations or (without_kv and entry.has_kv):
             break
         n += 1
     return n

@@ -49,6 +49,7 @@ class LoadSpec:
     first_position: int
     recompute_blocks: int = 0
     req_id: str = ""
+    must_recompute: int = 0  # leading blocks stored without K/V (host layout "act")
 
 
 Wait = Literal["none", "layers", "whole"]
@@ -202,33 +203,39 @@ class RestoreRuntime:
         self._layer_done = {name: torch.cuda.Event() for name in self.names}
 
     # ---------------------------------------------------------------- stores (device -> host)
-    def store(self, block_ids: list[int], slots: list[int], capture_blocks: list[int]) -> None:
-        """Copy blocks the forward just completed to their host slots: K/V, and the activations
-        from the block's capture block where it has one (-1: none, its inputs were not kept)."""
+    def store(
+        self, block_ids: list[int], slots: list[int], capture_blocks: list[int], with_kv: list[bool] | None = None
+    ) -> None:
+        """Copy blocks the forward just completed to their host slots: K/V (unless `with_kv` says
+        the slot holds activations only), and the activations from the block's capture block
+        where it has one (-1: none, its inputs were not kept)."""
         if not block_ids:
             return
         act = [(s, c) for s, c in zip(slots, capture_blocks) if c >= 0] if self.act_views else []
+        kv = [(s, b) for s, b, k in zip(slots, block_ids, with_kv or [True] * len(slots)) if k]
         if self.cuda:
             self.store_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.store_stream):
-                self._store(block_ids, slots, act)
+                self._store(kv, act)
             done = torch.cuda.Event()
             self.store_stream.record_event(done)
             self._stores.append(
                 _StoreInFlight(done, frozenset(block_ids), frozenset(slots), frozenset(c for _, c in act))
             )
         else:
-            self._store(block_ids, slots, act)
+            self._store(kv, act)
         self.stats.stored_blocks += len(block_ids)
         if self.act_views:
             self.stats.stored_without_activations += len(block_ids) - len(act)
-        self.stats.bytes_to_host += len(block_ids) * self._kv_slot_bytes + len(act) * self._act_slot_bytes
+        self.stats.bytes_to_host += len(kv) * self._kv_slot_bytes + len(act) * self._act_slot_bytes
 
-    def _store(self, block_ids: list[int], slots: list[int], act: list[tuple[int, int]]) -> None:
-        slot_idx, block_idx = _index(slots), _index(block_ids)
-        for name in self.names:
-            for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
-                self.copy(dst, slot_idx, src, block_idx)
+    def _store(self, kv: list[tuple[int, int]], act: list[tuple[int, int]]) -> None:
+        """(host slot, GPU block) pairs of K/V and (activation slot, capture block) pairs."""
+        if kv:
+            slot_idx, block_idx = (_index(list(c)) for c in zip(*kv))
+            for name in self.names:
+                for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
+                    self.copy(dst, slot_idx, src, block_idx)
         if act:
             act_slots, act_blocks = (_index(list(c)) for c in zip(*act))
             for name in self.names:
