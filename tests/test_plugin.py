@@ -93,9 +93,9 @@ def _config(model, ratio, **kwargs):
 
 def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
     """vLLM sizes its KV cache from the memory it measured; with activations kept, the KV cache
-    gets kv/(kv+act) of it after the staging buffers, so both fit."""
+    gets it less the capture space and the staging buffers, so both fit."""
     from vllm_partial_kv import compat
-    from vllm_partial_kv.connector import kv_budget_with_activations, model_shape
+    from vllm_partial_kv.deployment import kv_budget_with_activations, model_shape
 
     gib = 1 << 30
     mha = _config(tiny_model("llama2"), 0.5)
@@ -106,7 +106,12 @@ def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
         2 * hf.hidden_size**2
     )
     staging = 2 * 16384 * shape.act_bytes_per_token + 4096 * shape.kv_bytes_per_token  # + GEMM workspace
-    assert kv_budget_with_activations(mha, 3 * gib) == int((3 * gib - staging) * 2 / 3)
+    # The capture space: one block per running sequence plus one step's tokens, at most 4096
+    # tokens, and the spare row, in every layer.
+    sched, bs = mha.scheduler_config, shape.block_size
+    tokens = -(-min(sched.max_num_seqs * bs + sched.max_num_batched_tokens, 4096) // bs) * bs
+    extra = (tokens + 1) * shape.act_bytes_per_token * shape.num_layers + staging
+    assert kv_budget_with_activations(mha, 3 * gib) == 3 * gib - extra
     # Nothing to make room for: GQA in auto mode keeps no activations; an explicit size stays.
     assert kv_budget_with_activations(_config(tiny_model("llama"), "auto"), 3 * gib) == 3 * gib
     explicit = _config(tiny_model("llama2"), 0.5, kv_cache_memory_bytes=gib)
@@ -118,14 +123,14 @@ def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
     compat.wrap_kv_budget(kv_budget_with_activations)
     compat.wrap_kv_budget(kv_budget_with_activations)
     worker = type("W", (), {"vllm_config": mha})()
-    assert worker_cls.determine_available_memory(worker) == int((3 * gib - staging) * 2 / 3)
+    assert worker_cls.determine_available_memory(worker) == 3 * gib - extra
 
 
 def test_forward_ratio_of_real_shapes():
     """The planner's forward model in units of the K/V projection, from the model config."""
     from types import SimpleNamespace
 
-    from vllm_partial_kv.connector import forward_ratio
+    from vllm_partial_kv.deployment import forward_ratio
 
     llama7b = SimpleNamespace(intermediate_size=11008)
     assert forward_ratio(llama7b, 4096, 4096, 4096) == pytest.approx(6.03, abs=0.01)

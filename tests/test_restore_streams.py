@@ -20,7 +20,7 @@ import torch
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
 from vllm_partial_kv.store import HostPool
 
-LAYERS, BLOCKS, BS, HEADS, HEAD, HIDDEN = 4, 16, 4, 2, 8, 32
+LAYERS, BLOCKS, BS, HEADS, HEAD, HIDDEN, CAPTURE = 4, 16, 4, 2, 8, 32, 3
 
 Clock = dict[int, int]
 
@@ -106,9 +106,11 @@ def rig(monkeypatch):
 
     names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
     kv_caches = {n: torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD) for n in names}
-    acts = {n: torch.zeros(BLOCKS * BS + 1, HIDDEN) for n in names}
+    acts = {n: torch.zeros(CAPTURE * BS + 1, HIDDEN) for n in names}
     pool = HostPool(8, {n: [t] for n, t in kv_caches.items()}, (BS, HIDDEN), torch.float32, pin=False)
-    rt = RestoreRuntime(kv_caches, BLOCKS, BS, pool, acts, dict.fromkeys(names), 8 * BS)
+    capture_map = torch.full((BLOCKS,), -1, dtype=torch.int32)
+    rt = RestoreRuntime(kv_caches, BLOCKS, BS, pool, acts, dict.fromkeys(names), 8 * BS,
+                        capture_map=capture_map)
     rt.cuda = True  # from here on the CUDA path runs against the fake streams
     rt._init_streams()
     rt.staging = [rt.staging[0], rt.staging[0].clone()]
@@ -146,16 +148,19 @@ def _forward(tl: Timeline, rt: RestoreRuntime, names: list[str], skip: str | Non
 
 def _step(
     tl, rt, names, recompute_blocks: int, wait: str = "layers", skip=None,
-    slots=(0, 1, 2), new_blocks=(5, 6, 7), store=(9, 3),
+    slots=(0, 1, 2), new_blocks=(5, 6, 7), store=(9, 3), capture=(9, 0),
 ) -> None:
-    """One step as vLLM drives it: fence (handle_preemptions), writes into the new blocks, the
-    restore into its leading new blocks, the forward, the store of a block that filled up."""
+    """One step as vLLM drives it: fence and capture map (handle_preemptions), writes into the
+    new blocks and the capture op's into the capture block, the restore into its leading new
+    blocks, the forward, the store of a block that filled up (from that capture block)."""
     rt.fence_blocks(list(new_blocks))
+    rt.set_capture_map([capture[0]], [capture[1]])
     for block in new_blocks:
         tl.op("write", block)
+    tl.op("capture", capture[1])
     rt.load([LoadSpec(list(slots), list(new_blocks[:3]), 0, recompute_blocks)], wait)
     _forward(tl, rt, names, skip)
-    rt.store([store[0]], [store[1]], [True])
+    rt.store([store[0]], [store[1]], [capture[1]])
 
 
 def test_each_layer_is_read_after_its_own_restore_only(rig):
@@ -198,7 +203,7 @@ def test_next_step_is_ordered_after_this_ones_restore(rig):
 def test_stores_run_beside_the_next_steps(rig):
     tl, rt, names = rig
     _step(tl, rt, names, recompute_blocks=2, store=(9, 3))
-    _step(tl, rt, names, recompute_blocks=2, new_blocks=(10, 11, 12), store=(13, 4))
+    _step(tl, rt, names, recompute_blocks=2, new_blocks=(10, 11, 12), store=(13, 4), capture=(13, 1))
     stored = tl.find("store", names[-1])[0]  # the first step's last store copy
     for name in names:  # neither the next restore nor the next forward waits for it
         assert not _after(tl.find("kv", name)[1], stored)
@@ -212,6 +217,20 @@ def test_a_reallocated_block_is_written_after_its_store(rig):
     stored = tl.find("store", names[-1])[0]
     assert _after(tl.find("write", 9)[0], stored)  # vLLM's write into the block it reallocated
     assert _after(tl.find("kv", names[0])[1], stored)  # and the restore into it
+
+
+def test_a_capture_block_lent_again_is_written_after_the_store_reading_it(rig):
+    """The scheduler lends a capture block again as soon as the store of the block it held is
+    issued; the next forward's capture op must not overwrite it before that store read it."""
+    tl, rt, names = rig
+    _step(tl, rt, names, recompute_blocks=0, store=(9, 3), capture=(9, 1))
+    _step(tl, rt, names, recompute_blocks=0, new_blocks=(10, 11, 12), store=(13, 4), capture=(13, 2))
+    _step(tl, rt, names, recompute_blocks=0, new_blocks=(14, 15, 0), store=(14, 5), capture=(14, 1))
+    first_store, second_store = tl.find("store", names[-1])[1::2][:2]  # K/V, then activations
+    assert not _after(tl.find("capture", 2)[0], first_store)  # another capture block: no wait
+    assert _after(tl.find("capture", 1)[1], first_store)
+    assert not _after(tl.find("capture", 1)[1], second_store)  # only the store that read it
+    assert rt.capture_map[14] == 1 and rt.capture_map[9] == 1 and rt.capture_map[13] == 2
 
 
 def test_a_restore_reads_a_slot_after_its_store(rig):

@@ -3,9 +3,12 @@
 A forward hook on the layer's fused QKV projection (found by `matcher`) calls one custom op. The
 op is opaque to torch.compile and writes with a fixed-address `index_copy_` driven by vLLM's own
 slot mapping, so it is safe inside CUDA graphs: replays write the rows of whatever batch is
-running. The hooks go in right after the model is loaded (before vLLM's profiling run and
-compilation); the buffers are bound later, once the KV cache size is known, and until then the
-op does nothing.
+running. Rows live in a small capture space (blocks of block_size rows), not one row per KV slot:
+a fixed-address int32 map from KV block to capture block (-1: not captured), rewritten in place
+before each forward, sends slot s to row map[s // block_size] * block_size + s % block_size, and
+uncaptured slots and padding to a spare last row. The hooks go in right after the model is loaded
+(before vLLM's profiling run and compilation); the buffers are bound later, once the KV cache
+exists, and until then the op does nothing.
 """
 
 from __future__ import annotations
@@ -65,31 +68,45 @@ class LayerRecompute:
 
 _LAYERS: dict[str, LayerRecompute] = {}
 _BUFFERS: dict[str, torch.Tensor] = {}
+_MAP: list[tuple[torch.Tensor, int]] = []  # (KV block -> capture block, block size), once bound
 
 
 def layers() -> dict[str, LayerRecompute]:
     return _LAYERS
 
 
-def bind_buffers(buffers: dict[str, torch.Tensor]) -> None:
-    """Activation buffers, [num_slots + 1, hidden] per layer: the spare last row takes padding."""
+def bind_buffers(buffers: dict[str, torch.Tensor], block_map: torch.Tensor | None = None,
+                 block_size: int = 0) -> None:
+    """Capture space per layer, [capture_blocks * block_size + 1, hidden] (the spare last row
+    takes padding and uncaptured slots), and the int32 map from KV block to capture block."""
     _BUFFERS.clear()
     _BUFFERS.update(buffers)
+    _MAP.clear()
+    if block_map is not None:
+        _MAP.append((block_map, block_size))
+
+
+def capture_rows(slots: torch.Tensor, block_map: torch.Tensor, block_size: int, spare: int) -> torch.Tensor:
+    """Capture-space row of each slot: its KV block's capture block and offset, or `spare` for
+    padding (slot -1) and blocks without a capture block."""
+    slots = slots.to(torch.long)
+    blocks = block_map[slots.clamp(min=0) // block_size].to(torch.long)
+    rows = blocks * block_size + slots % block_size
+    return torch.where((slots < 0) | (blocks < 0), torch.full_like(rows, spare), rows)
 
 
 @torch.library.custom_op("partial_kv::capture", mutates_args=("qkv_out",))
 def capture_op(x: torch.Tensor, qkv_out: torch.Tensor, layer_name: str) -> None:
     # `qkv_out` is declared mutated (it is not) only so that the compiler keeps this op, in order.
     buf = _BUFFERS.get(layer_name)
-    if buf is None:
+    if buf is None or not _MAP:
         return
     slots = compat.current_slot_mapping(layer_name)
     if slots is None:
         return
     n = min(x.shape[0], slots.shape[0])
-    idx = slots[:n].to(torch.long)
-    idx = torch.where(idx < 0, torch.full_like(idx, buf.shape[0] - 1), idx)
-    buf.index_copy_(0, idx, x[:n].to(buf.dtype))
+    block_map, block_size = _MAP[0]
+    buf.index_copy_(0, capture_rows(slots[:n], block_map, block_size, buf.shape[0] - 1), x[:n].to(buf.dtype))
 
 
 @capture_op.register_fake
@@ -123,11 +140,8 @@ def why_not_captured(vllm_config) -> str | None:
 
 
 def install(model: nn.Module, vllm_config) -> None:
-    """Hook every attention block of a freshly loaded model (called by the model-loader wrap)."""
-    from vllm_partial_kv.connector import activations_wanted
-
-    if not activations_wanted(vllm_config):
-        return
+    """Hook every attention block of a freshly loaded model (called by the model-loader wrap
+    when `deployment.activations_wanted`)."""
     _LAYERS.clear()
     try:
         matches = matcher.match_layers(model)

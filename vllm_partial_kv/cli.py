@@ -195,7 +195,7 @@ def _profile(args: argparse.Namespace, extra: list[str]) -> int:
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_partial_kv.connector import model_shape
+    from vllm_partial_kv.deployment import model_shape
     from vllm_partial_kv.kernels import recompute_kv
     from vllm_partial_kv.profiler import format_profile, load_or_measure
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 DEFAULT_CPU_BYTES = 4 << 30
+HOST_LAYOUTS = ("kv+act", "act", "kv")
 
 
 class ConfigError(ValueError):
@@ -22,9 +23,16 @@ class PartialKVConfig:
     """Store only prompt blocks; by default decode-phase blocks are stored too."""
     max_recompute_tokens: int = 16384
     """Staging capacity for activations per restore step (GPU memory, double-buffered)."""
+    capture_tokens: int | None = None
+    """Activation rows per layer kept on the GPU for blocks being filled or stored; None: sized
+    from max_num_seqs and max_num_batched_tokens, at most DEFAULT_CAPTURE_TOKENS."""
     kernel: str = "auto"
     """Recompute backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"."""
     profile_cache_dir: str | None = None
+    host_layout: str = "kv+act"
+    """What the host store keeps per block: "kv+act" K/V and activations (the planner picks the
+    split), "act" activations only where the block has them (every restore of them recomputes),
+    "kv" K/V only (nothing is captured)."""
     async_load: bool = True
     """Restore between steps while other requests keep running, as vLLM's own offloading does;
     false restores inside the step that needs the blocks (the forward waits per layer)."""
@@ -32,6 +40,8 @@ class PartialKVConfig:
     @property
     def wants_activations(self) -> bool | None:
         """True/False when the ratio forces it; None when the planner decides from the shape."""
+        if self.host_layout == "kv":
+            return False
         if self.recompute_ratio is None:
             return None
         return self.recompute_ratio > 0
@@ -53,6 +63,8 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
         out["max_recompute_tokens"] = _positive_int(
             "max_recompute_tokens", extra["max_recompute_tokens"]
         )
+    if extra.get("capture_tokens") is not None:  # null: the default
+        out["capture_tokens"] = _positive_int("capture_tokens", extra["capture_tokens"])
     if "recompute_ratio" in extra:
         out["recompute_ratio"] = _ratio(extra["recompute_ratio"])
     for name in ("offload_prompt_only", "async_load"):
@@ -60,6 +72,14 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
             if not isinstance(extra[name], bool):
                 raise ConfigError(f"{name} must be true or false, got {extra[name]!r}")
             out[name] = extra[name]
+    if "host_layout" in extra:
+        if extra["host_layout"] not in HOST_LAYOUTS:
+            raise ConfigError(f"host_layout must be one of {list(HOST_LAYOUTS)}, got {extra['host_layout']!r}")
+        out["host_layout"] = extra["host_layout"]
+        if out["host_layout"] == "kv" and out.get("recompute_ratio"):
+            raise ConfigError(
+                f"host_layout \"kv\" keeps no activations: recompute_ratio {out['recompute_ratio']} cannot be served"
+            )
     if "kernel" in extra:
         if extra["kernel"] not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernel must be auto, triton or torch, got {extra['kernel']!r}")

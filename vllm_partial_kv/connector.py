@@ -21,120 +21,35 @@ from typing import Any
 import torch
 
 from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
-from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
 from vllm_partial_kv import capture, compat, planner
+from vllm_partial_kv.capture_space import CaptureSpace
+from vllm_partial_kv.deployment import (
+    activations_wanted, capture_blocks, extra_config, model_shape, staging_bytes,
+)
 from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
-from vllm_partial_kv.kernels import SPLIT_ROWS
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
-from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_budget
+from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 
-# ------------------------------------------------------------------------------ shared decisions
-def _extra_config(vllm_config) -> dict[str, Any]:
-    return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+# ------------------------------------------------------------------------------ host store size
+def _layout(cfg: PartialKVConfig, with_act: bool) -> str:
+    """The host layout served: without activations every layout is "kv"."""
+    return cfg.host_layout if with_act else "kv"
 
 
-def uses_this_connector(vllm_config) -> bool:
-    kv = getattr(vllm_config, "kv_transfer_config", None)
-    return kv is not None and kv.kv_connector == "PartialRecomputeConnector"
-
-
-def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShape:
-    mc, parallel = vllm_config.model_config, vllm_config.parallel_config
-    hidden, head = mc.get_hidden_size(), mc.get_head_size()
-    kv_heads = mc.get_num_kv_heads(parallel)
-    return planner.ModelShape(
-        num_layers=mc.get_num_layers(parallel),
-        hidden_size=hidden,
-        num_kv_heads=kv_heads,
-        head_size=head,
-        dtype_bytes=mc.dtype.itemsize,
-        kv_dtype_bytes=kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, mc).itemsize,
-        block_size=block_size or vllm_config.cache_config.block_size,
-        forward_ratio=forward_ratio(
-            mc.hf_text_config, hidden, mc.get_num_attention_heads(parallel) * head, kv_heads * head,
-            parallel.tensor_parallel_size,
-        ),
-    )
-
-
-def forward_ratio(hf_config, hidden: int, q_dim: int, kv_dim: int, tp: int = 1) -> float:
-    """A layer's projection GEMMs per token (QKV, output, MLP: gated unless the config names an
-    OPT-style `ffn_dim`) in units of its K/V projection's, for the planner's forward model."""
-    if getattr(hf_config, "ffn_dim", None):
-        mlp = 2 * hidden * hf_config.ffn_dim
-    else:
-        mlp = 3 * hidden * (getattr(hf_config, "intermediate_size", None) or 4 * hidden)
-    return (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + mlp / tp) / (2 * hidden * kv_dim)
-
-
-_warned_no_capture: set[str] = set()  # reasons already logged (both halves ask, each process)
-
-
-def activations_wanted(vllm_config) -> bool:
-    """Both halves decide this the same way, from configuration alone.
-
-    Activations are kept when a fixed ratio > 0 asks for them, or in auto mode when they are
-    smaller than the K/V they replace (multi-head attention); for grouped-query models they are
-    larger, so recompute from them can only lose and auto mode stores plain K/V.
-    """
-    if not uses_this_connector(vllm_config):
-        return False
-    cfg = parse_config(_extra_config(vllm_config))
-    reason = capture.why_not_captured(vllm_config)
-    if reason is not None:
-        if cfg.recompute_ratio != 0 and reason not in _warned_no_capture:
-            _warned_no_capture.add(reason)
-            logger.warning("partial_kv: cannot recompute from activations: %s; offloading plain KV instead", reason)
-        return False
-    if cfg.wants_activations is not None:
-        return cfg.wants_activations
-    shape = model_shape(vllm_config)
-    return shape.act_bytes_per_token < shape.kv_bytes_per_token
-
-
-def kv_budget_with_activations(vllm_config, available: int) -> int:
-    """The part of the memory vLLM found for its KV cache that the KV cache may take, so that the
-    activation buffers (one row per KV slot, plus restore staging) fit beside it. vLLM sizes the
-    KV cache without knowing about them; an explicit kv_cache_memory_bytes is left alone (the
-    start-up room check then tells the user if the rest does not fit)."""
-    if vllm_config.cache_config.kv_cache_memory_bytes or not activations_wanted(vllm_config):
-        return available
-    shape = model_shape(vllm_config)
-    kv_per_token = shape.kv_bytes_per_token
-    staging = _staging_bytes(shape, parse_config(_extra_config(vllm_config)))
-    kv = int(max(0, available - staging) * kv_per_token / (kv_per_token + shape.act_bytes_per_token))
-    logger.info(
-        "partial_kv: of the %.2f GiB vLLM found for the KV cache, %.2f GiB go to activation "
-        "capture and restore staging (set kv_cache_memory_bytes to size the KV cache yourself)",
-        available / 2**30, (available - kv) / 2**30,
-    )
-    return kv
-
-
-def _staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
-    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens, and
-    the workspace of the recompute's cuBLAS GEMM (one chunk of K and V)."""
-    k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes  # the GEMM's dtype
-    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
-    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace
-
-
-def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> int:
+def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> tuple[int, int]:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise ValueError("PartialRecomputeConnector supports one KV cache group (full attention)")
     spec = groups[0].kv_cache_spec
     n_layers = len(groups[0].layer_names)
-    per_block = spec.page_size_bytes * n_layers
-    if with_act:
-        shape = model_shape(vllm_config, spec.block_size)
-        per_block += spec.block_size * shape.act_bytes_per_token * n_layers
-    return slots_for_budget(cfg.cpu_bytes, per_block)
+    shape = model_shape(vllm_config, spec.block_size)
+    act_block = spec.block_size * shape.act_bytes_per_token * n_layers
+    return slots_for_layout(cfg.cpu_bytes, spec.page_size_bytes * n_layers, act_block, _layout(cfg, with_act))
 
 
 # ------------------------------------------------------------------------------ metadata
@@ -145,7 +60,11 @@ class PartialKVMetadata(compat.KVConnectorMetadata):
     forward_tokens: int = 0  # tokens the step's forward computes (all requests)
     store_block_ids: list[int] = field(default_factory=list)
     store_slots: list[int] = field(default_factory=list)
-    store_act: list[bool] = field(default_factory=list)  # per stored block: keep its activations
+    store_capture: list[int] = field(default_factory=list)  # per stored block: its capture block, -1: none
+    store_kv: list[bool] = field(default_factory=list)  # per stored block: copy its K/V (not: layout "act")
+    # Every block the forward writes this step, and the capture block its rows go to (-1: none).
+    capture_block_ids: list[int] = field(default_factory=list)
+    capture_blocks: list[int] = field(default_factory=list)
     new_block_ids: list[int] = field(default_factory=list)  # allocated this step: about to be written
 
 
@@ -157,12 +76,13 @@ class _Request:
     load: tuple[int, list[Entry]] | None = None  # (first block, its host entries) to restore
     pinned: list[Entry] = field(default_factory=list)
     replace_ids: bool = True  # next block ids from the scheduler are the whole list
+    capture: dict[int, int] = field(default_factory=dict)  # block index -> lent capture block
 
 
 class PartialRecomputeConnector(compat.KVConnectorBase_V1):
     def __init__(self, vllm_config, role, kv_cache_config=None, **kwargs) -> None:
         super().__init__(vllm_config, role, kv_cache_config, **kwargs)
-        self.cfg = parse_config(_extra_config(vllm_config))
+        self.cfg = parse_config(extra_config(vllm_config))
         self.with_act = activations_wanted(vllm_config)
         self.block_size = vllm_config.cache_config.block_size
         if self.with_act and self.cfg.max_recompute_tokens < self.block_size:
@@ -173,23 +93,30 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         self.is_scheduler = role == compat.KVConnectorRole.SCHEDULER
         self.runtime: RestoreRuntime | None = None  # worker half, once KV caches exist
         if self.is_scheduler:
-            self.num_slots = _num_slots(vllm_config, kv_cache_config, self.cfg, self.with_act)
-            self.index = BlockIndex(self.num_slots)
+            self.layout = _layout(self.cfg, self.with_act)
+            self.num_slots, act_slots = _num_slots(vllm_config, kv_cache_config, self.cfg, self.with_act)
+            self.index = BlockIndex(self.num_slots, act_slots)
+            # Blocks that restores of this step must recompute (activations-only slots), within
+            # the staging capacity; counted as get_num_new_matched_tokens offers them.
+            self._forced_blocks = 0
             self.reqs: dict[str, _Request] = {}
             self._matched: dict[str, tuple[int, int]] = {}
             self._to_load: list[str] = []  # requests whose load goes into the next metadata
             self._in_flight: dict[str, list[Entry]] = {}  # async loads: request -> pinned entries
-            # GPU block -> hash of the block restored into it: its activation rows were never
-            # written (restores write K/V only), so storing it again must not keep them.
+            # GPU block -> hash of the block restored into it, to find the host copies of a
+            # failed restore.
             self._restored: dict[int, bytes] = {}
+            self.capture = CaptureSpace(capture_blocks(vllm_config) if self.with_act else 0)
             # Requests finished in the last two steps, with the step: vLLM fails a request whose
             # synchronous restore failed before it tells the connector which blocks failed, and
             # with async scheduling a step's outcome arrives after the next step is scheduled.
             self._finished: list[tuple[int, _Request]] = []
             self._steps = 0
             logger.info(
-                "partial_kv: %d host block slots (cpu_bytes=%d), activations %s, ratio %s",
-                self.num_slots, self.cfg.cpu_bytes, "kept" if self.with_act else "not kept",
+                "partial_kv: %d host block slots%s (cpu_bytes=%d, host layout %s), activations %s, ratio %s",
+                self.num_slots, f" + {act_slots} activations-only" if act_slots else "",
+                self.cfg.cpu_bytes, self.layout,
+                f"kept (capture space: {self.capture.num_blocks} blocks)" if self.with_act else "not kept",
                 "auto" if self.cfg.recompute_ratio is None else self.cfg.recompute_ratio,
             )
         else:
@@ -204,13 +131,30 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         hashes = compat.request_block_hashes(request)
         first = num_computed_tokens // self.block_size
-        hits = self.index.count_prefix_hits(hashes[first:])
         # vLLM must compute at least one token itself.
-        hits = min(hits, max(0, (request.num_tokens - 1) // self.block_size - first))
+        hits, forced = self._hits(hashes[first : max(first, (request.num_tokens - 1) // self.block_size)])
         if hits == 0:
             return 0, False
+        self._forced_blocks += forced
         self._matched[request.request_id] = (first, hits)
         return hits * self.block_size, self.cfg.async_load
+
+    def _hits(self, hashes: list[bytes]) -> tuple[int, int]:
+        """Leading stored blocks a restore can serve, and how many of them it must recompute:
+        activations-only blocks form a leading run (a restore recomputes [0, r) and streams the
+        rest), within what this step's staging still holds."""
+        capacity = self.cfg.max_recompute_tokens // self.block_size - self._forced_blocks
+        n = forced = 0
+        for h in hashes:
+            entry = self.index.get(h)
+            if entry is None:
+                break
+            if not entry.has_kv:
+                if n > forced or forced >= capacity:
+                    break
+                forced += 1
+            n += 1
+        return n, forced
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         state = self.reqs.setdefault(request.request_id, _Request(request))
@@ -229,9 +173,13 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> PartialKVMetadata:
         meta = PartialKVMetadata()
+        self._forced_blocks = 0  # the offers of this step's scheduling are in this metadata
         self._steps += 1
         self._finished = [(step, s) for step, s in self._finished if self._steps - step < 2]
         scheduled = []
+        for req_id in scheduler_output.preempted_req_ids or ():
+            if req_id in self.reqs:  # its blocks are freed: it starts them again when resumed
+                self._give_back_capture(self.reqs[req_id])
         for req_id, new_ids, resumed in yield_req_data(scheduler_output):
             state = self.reqs.get(req_id)
             if state is None:
@@ -239,6 +187,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             if new_ids is not None:
                 ids = list(new_ids[0])
                 replace = resumed or state.replace_ids
+                if replace:
+                    self._give_back_capture(state)
                 # A new or resumed request's whole block list: its leading local prefix-cache
                 # hits are only read, so the fence skips them (a restore's blocks are fenced).
                 hits = state.load[0] if state.load else state.request.num_computed_tokens // self.block_size
@@ -253,9 +203,14 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 if self.cfg.async_load:  # the restore writes them; vLLM the rest once scheduled
                     meta.new_block_ids += meta.loads[-1].block_ids
         self._to_load = []
+        # Every lend before any give-back: a capture block one request's store reads after
+        # this forward must not be written by another request's blocks in the same forward.
+        for req_id, state in scheduled:
+            self._map_capture(req_id, state, scheduler_output, meta)
         fresh: list[Entry] = []  # this step's new entries: not evicted by its later blocks
         for req_id, state in scheduled:
             fresh += self._plan_stores(req_id, state, scheduler_output, meta)
+            self._give_back_capture(state, below=state.stored_blocks)
         self.index.unpin(fresh)
         loading = {spec.req_id for spec in meta.loads}
         meta.busy = any(r not in loading for r in scheduler_output.num_scheduled_tokens)
@@ -283,6 +238,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             first_position=first * self.block_size,
             recompute_blocks=_leading_with_act(entries),
             req_id=req_id,
+            must_recompute=_leading_with_act(entries, without_kv=True),
         )
 
     def update_connector_output(self, connector_output) -> None:
@@ -312,6 +268,31 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         dropped = self.index.discard(failed)
         logger.warning("partial_kv: dropped %d host blocks of failed restores", dropped)
 
+    def _map_capture(self, req_id: str, state: _Request, scheduler_output, meta) -> None:
+        """Lends capture blocks to the request's blocks that start filling in this step (a block
+        started without one keeps none: its earlier rows are lost), and tells the worker where
+        the rows of every block this step writes go."""
+        if not self.with_act:
+            return
+        start = state.request.num_computed_tokens
+        end = start + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        storable = len(state.block_ids)
+        if self.cfg.offload_prompt_only:
+            storable = min(storable, state.request.num_prompt_tokens // self.block_size)
+        for i in range(start // self.block_size, min(-(-end // self.block_size), len(state.block_ids))):
+            fresh = i * self.block_size >= start and i not in state.capture
+            if fresh and state.stored_blocks <= i < storable:
+                block = self.capture.lend()
+                if block is not None:
+                    state.capture[i] = block
+            meta.capture_block_ids.append(state.block_ids[i])
+            meta.capture_blocks.append(state.capture.get(i, -1))
+
+    def _give_back_capture(self, state: _Request, below: int | None = None) -> None:
+        """Capture blocks of blocks whose store is issued (index < `below`), or all of them."""
+        done = [i for i in state.capture if below is None or i < below]
+        self.capture.give_back(state.capture.pop(i) for i in done)
+
     def _plan_stores(self, req_id: str, state: _Request, scheduler_output, meta) -> list[Entry]:
         """Allocates host slots for the request's newly full blocks; returns their entries,
         pinned, so that later blocks of the same step do not evict them (two copies into one
@@ -327,16 +308,16 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             if hashes[i] in self.index:
                 self.index.touch(hashes[i])
                 continue
-            block = state.block_ids[i]
-            with_act = self.with_act and self._restored.get(block) != hashes[i]
-            slot = self.index.allocate(hashes[i], with_act)
+            captured = state.capture.get(i, -1)  # its rows are the block's own inputs
+            slot = self.index.allocate(hashes[i], captured >= 0)
             if slot is None:  # every slot pinned (loads in flight, this step's stores)
                 full = i  # not an error: stored in a later step if a slot frees up
                 break
             fresh += self.index.pin([hashes[i]])
-            meta.store_block_ids.append(block)
+            meta.store_block_ids.append(state.block_ids[i])
             meta.store_slots.append(slot)
-            meta.store_act.append(with_act)
+            meta.store_capture.append(captured)
+            meta.store_kv.append(self.index.get(hashes[i]).has_kv)
         state.stored_blocks = max(state.stored_blocks, full)
         return fresh
 
@@ -345,6 +326,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         # (vLLM keeps its blocks until then too).
         state = self.reqs.pop(request.request_id, None)
         if state is not None:
+            self._give_back_capture(state)
             self.index.unpin(state.pinned)
             state.pinned = []
             self._finished.append((self._steps, state))
@@ -372,29 +354,41 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
-        num_slots = slots_for_budget(self.cfg.cpu_bytes, kv_bytes + act_bytes * self.with_act)
-        rows = num_blocks * self.block_size + 1
-        on_device = self.with_act * (  # capture buffers + staging
-            rows * len(views) * self.shape.act_bytes_per_token + _staging_bytes(self.shape, self.cfg)
+        layout = _layout(self.cfg, self.with_act)
+        num_slots, act_slots = slots_for_layout(self.cfg.cpu_bytes, kv_bytes, act_bytes, layout)
+        rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
+        on_device = self.with_act * (  # capture space, its map, staging
+            rows * len(views) * self.shape.act_bytes_per_token + 4 * num_blocks
+            + staging_bytes(self.shape, self.cfg)
         )
         host = device if device.type == "cpu" else torch.device("cpu")
         needs = {device: on_device}
-        needs[host] = needs.get(host, 0) + num_slots * (kv_bytes + act_bytes * self.with_act)
+        needs[host] = needs.get(host, 0) + num_slots * kv_bytes + act_bytes * (
+            act_slots if layout == "act" else num_slots * (layout == "kv+act")
+        )
         ensure_room(needs)
-        act_buffers = {}
+        act_buffers, capture_map = {}, None
         if self.with_act:
             act_buffers = {
                 n: torch.zeros(rows, layers[n].hidden_size, dtype=dtype, device=device)
                 for n in kv_caches
             }
-            capture.bind_buffers(act_buffers)
+            capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+            capture.bind_buffers(act_buffers, capture_map, self.block_size)
         act_shape = (self.block_size, self.shape.hidden_size) if self.with_act else None
-        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda")
+        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
+                        act_slots=act_slots if layout == "act" else None)
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
-            self.cfg.max_recompute_tokens, self.cfg.kernel,
+            self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
         )
         self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
+        if self.with_act:
+            logger.info(
+                "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s beside "
+                "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
+                kv_bytes * num_blocks / 2**30,
+            )
         if self.with_act and self.cfg.recompute_ratio is None:
             self.profiles = self._load_profiles()
 
@@ -420,9 +414,13 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata) -> None:
         """vLLM calls this every step before it writes anything into the KV cache: blocks it
-        just allocated may have been freed while a store was still reading them."""
-        if self.runtime is not None and isinstance(kv_connector_metadata, PartialKVMetadata):
-            self.runtime.fence_blocks(kv_connector_metadata.new_block_ids)
+        just allocated may have been freed while a store was still reading them, and the
+        capture op must know this step's capture blocks (before the forward, not in
+        `start_load_kv`, which vLLM 0.32 may call after launching it)."""
+        meta = kv_connector_metadata
+        if self.runtime is not None and isinstance(meta, PartialKVMetadata):
+            self.runtime.fence_blocks(meta.new_block_ids)
+            self.runtime.set_capture_map(meta.capture_block_ids, meta.capture_blocks)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._get_connector_metadata()
@@ -485,8 +483,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 self.shape, profile, requests, ratio=self.cfg.recompute_ratio,
                 max_recompute_tokens=self.runtime.max_recompute_tokens, forward_s=forward_s,
             )
-        for spec, r in zip(loads, split):
-            spec.recompute_blocks = r
+        for spec, r in zip(loads, split):  # activations-only blocks have nothing to stream
+            spec.recompute_blocks = max(r, spec.must_recompute)
         logger.debug("partial_kv: restoring %s blocks, recomputing %s", [len(s.block_ids) for s in loads], split)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -503,7 +501,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, PartialKVMetadata):
             return
-        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_act)
+        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture, meta.store_kv)
 
     def get_kv_connector_stats(self):
         if self.runtime is None:
@@ -527,10 +525,11 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         return PartialKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
-def _leading_with_act(entries: list[Entry]) -> int:
+def _leading_with_act(entries: list[Entry], without_kv: bool = False) -> int:
+    """Leading entries with activations (that can be recomputed), or without K/V (that must be)."""
     n = 0
     for entry in entries:
-        if not entry.has_activations:
+        if not entry.has_activations or (without_kv and entry.has_kv):
             break
         n += 1
     return n

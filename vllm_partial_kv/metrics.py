@@ -12,6 +12,10 @@ COUNTERS = {
     "tokens_stored": "Tokens whose KV (and activations) were copied to the CPU store",
     "tokens_loaded": "Tokens restored from the CPU store",
     "tokens_recomputed": "Restored tokens whose K/V were recomputed from activations",
+    "blocks_stored_without_activations": (
+        "Blocks stored with K/V only while activations are kept (the capture space was full, "
+        "or the block was restored): their restores cannot recompute them"
+    ),
     "bytes_to_host": "Bytes copied device -> host by stores",
     "bytes_to_device": "Bytes copied host -> device by restores",
     "restores": "Restore operations (one per scheduler step with hits)",
@@ -31,6 +35,7 @@ class PartialKVStats(KVConnectorStats):
         d["tokens_stored"] += step.stored_blocks * block_size
         d["tokens_loaded"] += step.loaded_blocks * block_size
         d["tokens_recomputed"] += step.recomputed_blocks * block_size
+        d["blocks_stored_without_activations"] += step.stored_without_activations
         d["bytes_to_host"] += step.bytes_to_host
         d["bytes_to_device"] += step.bytes_to_device
         d["restores"] += len(step.restore_seconds)

@@ -17,7 +17,8 @@ def _after_model_load(model, vllm_config) -> None:
     """In the worker, after the model is built and before vLLM profiles memory and sizes the KV
     cache: hook activation capture in, and leave room for its buffers (both no-ops unless our
     connector is configured)."""
-    from vllm_partial_kv import capture, compat, connector
+    from vllm_partial_kv import capture, compat, deployment
 
-    capture.install(model, vllm_config)
-    compat.wrap_kv_budget(connector.kv_budget_with_activations)
+    if deployment.activations_wanted(vllm_config):
+        capture.install(model, vllm_config)
+    compat.wrap_kv_budget(deployment.kv_budget_with_activations)

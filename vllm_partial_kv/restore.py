@@ -1,8 +1,9 @@
 """Runs a step's stores and restores on the worker.
 
 Stores (CUDA) run on their own stream after the forward that wrote the blocks, overlapping the
-next steps; a block stays readable until vLLM reallocates it, so `fence_blocks` (called before
-vLLM writes a step's new blocks) and restores reading a slot wait only for the stores involved.
+next steps; a block stays readable until vLLM reallocates it, and a capture block until the
+scheduler lends it again, so `before_forward` (called before vLLM writes a step's new blocks and
+the capture op its rows) and restores reading a slot wait only for the stores involved.
 
 Restore pipeline (CUDA), per layer l, on two side streams:
     copy stream:    activations of the recomputed blocks -> staging[l % 2], then K/V of the
@@ -48,6 +49,7 @@ class LoadSpec:
     first_position: int
     recompute_blocks: int = 0
     req_id: str = ""
+    must_recompute: int = 0  # leading blocks stored without K/V (host layout "act")
 
 
 Wait = Literal["none", "layers", "whole"]
@@ -58,11 +60,13 @@ class _StoreInFlight:
     done: torch.cuda.Event
     block_ids: frozenset[int]
     slots: frozenset[int]
+    capture_blocks: frozenset[int]
 
 
 @dataclass
 class StepStats:
     stored_blocks: int = 0
+    stored_without_activations: int = 0  # while activations are kept: no capture block, or restored
     loaded_blocks: int = 0
     recomputed_blocks: int = 0
     bytes_to_host: int = 0
@@ -129,6 +133,7 @@ class RestoreRuntime:
         layers: dict[str, LayerRecompute],
         max_recompute_tokens: int,
         kernel: str = "auto",
+        capture_map: torch.Tensor | None = None,
     ) -> None:
         self.kv_caches = kv_caches
         self.names = list(kv_caches)
@@ -138,11 +143,14 @@ class RestoreRuntime:
         self.layers = layers
         self.kernel = kernel
         self.gpu_views = {n: compat.block_views(t, num_gpu_blocks) for n, t in kv_caches.items()}
-        # Activation buffers as [num_gpu_blocks, block_size, hidden] block rows.
+        # The capture space as [capture_blocks, block_size, hidden] block rows (the spare last
+        # row left out), and the map from KV block to capture block the capture op reads.
         self.act_views = {
-            n: b[: num_gpu_blocks * block_size].view(num_gpu_blocks, block_size, -1)
+            n: b[: (b.shape[0] - 1) // block_size * block_size].view(-1, block_size, b.shape[-1])
             for n, b in act_buffers.items()
         }
+        self.capture_map = capture_map
+        self._capture_space = list(act_buffers.values())
         self.copy = _RowCopier()
         self._kv_slot_bytes = sum(t[0].numel() * t.element_size() for v in pool.kv.values() for t in v)
         self._act_slot_bytes = sum(t[0].numel() * t.element_size() for t in pool.act.values())
@@ -174,6 +182,15 @@ class RestoreRuntime:
         if self.cuda:
             self._init_streams()
 
+    @property
+    def extra_device_bytes(self) -> int:
+        """What the runtime holds on the KV cache's device beside it: capture space and its map,
+        restore staging and index buffers."""
+        tensors = [*self._capture_space, *self.staging]
+        if self.staging:
+            tensors += [self._slots_buf, self._pos_buf, self.capture_map]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def _init_streams(self) -> None:
         """Streams and the per-layer events, created once (a restore or store only adds its
         own completion events)."""
@@ -186,38 +203,48 @@ class RestoreRuntime:
         self._layer_done = {name: torch.cuda.Event() for name in self.names}
 
     # ---------------------------------------------------------------- stores (device -> host)
-    def store(self, block_ids: list[int], slots: list[int], with_act: list[bool]) -> None:
-        """Copy blocks the forward just completed to their host slots: K/V, and the activations
-        where `with_act` says their rows hold the block's own inputs."""
+    def store(
+        self, block_ids: list[int], slots: list[int], capture_blocks: list[int], with_kv: list[bool] | None = None
+    ) -> None:
+        """Copy blocks the forward just completed to their host slots: K/V (unless `with_kv` says
+        the slot holds activations only), and the activations from the block's capture block
+        where it has one (-1: none, its inputs were not kept)."""
         if not block_ids:
             return
+        act = [(s, c) for s, c in zip(slots, capture_blocks) if c >= 0] if self.act_views else []
+        kv = [(s, b) for s, b, k in zip(slots, block_ids, with_kv or [True] * len(slots)) if k]
         if self.cuda:
             self.store_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.store_stream):
-                n_act = self._store(block_ids, slots, with_act)
+                self._store(kv, act)
             done = torch.cuda.Event()
             self.store_stream.record_event(done)
-            self._stores.append(_StoreInFlight(done, frozenset(block_ids), frozenset(slots)))
+            self._stores.append(
+                _StoreInFlight(done, frozenset(block_ids), frozenset(slots), frozenset(c for _, c in act))
+            )
         else:
-            n_act = self._store(block_ids, slots, with_act)
+            self._store(kv, act)
         self.stats.stored_blocks += len(block_ids)
-        self.stats.bytes_to_host += len(block_ids) * self._kv_slot_bytes + n_act * self._act_slot_bytes
+        if self.act_views:
+            self.stats.stored_without_activations += len(block_ids) - len(act)
+        self.stats.bytes_to_host += len(kv) * self._kv_slot_bytes + len(act) * self._act_slot_bytes
 
-    def _store(self, block_ids: list[int], slots: list[int], with_act: list[bool]) -> int:
-        slot_idx, block_idx = _index(slots), _index(block_ids)
-        for name in self.names:
-            for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
-                self.copy(dst, slot_idx, src, block_idx)
-        act = [(s, b) for s, b, a in zip(slots, block_ids, with_act) if a] if self.act_views else []
+    def _store(self, kv: list[tuple[int, int]], act: list[tuple[int, int]]) -> None:
+        """(host slot, GPU block) pairs of K/V and (activation slot, capture block) pairs."""
+        if kv:
+            slot_idx, block_idx = (_index(list(c)) for c in zip(*kv))
+            for name in self.names:
+                for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
+                    self.copy(dst, slot_idx, src, block_idx)
         if act:
             act_slots, act_blocks = (_index(list(c)) for c in zip(*act))
             for name in self.names:
                 self.copy(self.pool.act[name], act_slots, self.act_views[name], act_blocks)
-        return len(act)
 
     def _last_store_touching(self, key: str, ids: list[int]) -> torch.cuda.Event | None:
         """The newest store in flight that reads one of these GPU blocks (key "block_ids") or
-        writes one of these host slots ("slots"): waiting for it covers the older ones too."""
+        capture blocks ("capture_blocks"), or writes one of these host slots ("slots"): waiting
+        for it covers the older ones too."""
         self._stores = [s for s in self._stores if not s.done.query()]
         for s in reversed(self._stores):
             if not getattr(s, key).isdisjoint(ids):
@@ -226,10 +253,28 @@ class RestoreRuntime:
 
     def fence_blocks(self, block_ids: list[int]) -> None:
         """Before vLLM writes these (newly allocated) GPU blocks on the current stream."""
+        self._fence("block_ids", block_ids)
+
+    def _fence(self, key: str, ids: list[int]) -> None:
         if self.cuda and self._stores:
-            done = self._last_store_touching("block_ids", block_ids)
+            done = self._last_store_touching(key, ids)
             if done is not None:
                 torch.cuda.current_stream(self.device).wait_event(done)
+
+    def set_capture_map(self, block_ids: list[int], capture_blocks: list[int]) -> None:
+        """Before the forward: where the capture op writes the rows of each block it fills this
+        step (in place on the current stream: the map keeps its address for CUDA graphs). A capture
+        block lent again waits for the store still reading it."""
+        if self.capture_map is None or not block_ids:
+            return
+        self._fence("capture_blocks", [c for c in capture_blocks if c >= 0])
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        values = torch.tensor(capture_blocks, dtype=torch.int32)
+        if self.capture_map.is_cuda:  # pinned: a pageable source would make the host wait
+            idx, values = idx.pin_memory(), values.pin_memory()
+        self.capture_map.index_copy_(
+            0, idx.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
+        )
 
     # ---------------------------------------------------------------- restores (host -> device)
     def load(self, loads: list[LoadSpec], wait: Wait = "layers") -> torch.cuda.Event | None:

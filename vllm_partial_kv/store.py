@@ -34,17 +34,22 @@ class Entry:
     has_activations: bool
     pins: int = 0
     indexed: bool = True  # False once dropped from the index; its slot is freed at the last unpin
+    has_kv: bool = True  # False: an activations-only slot (host layout "act"), always recomputed
 
 
 class BlockIndex:
-    """block hash -> host slot, least recently used first; pinned entries are never evicted."""
+    """block hash -> host slot, least recently used first; pinned entries are never evicted.
 
-    def __init__(self, num_slots: int) -> None:
+    With `act_slots` (host layout "act"), blocks with activations take activations-only slots,
+    numbered apart from the K/V slots, and the others K/V slots; each kind evicts its own."""
+
+    def __init__(self, num_slots: int, act_slots: int = 0) -> None:
         if num_slots <= 0:
             raise ValueError(f"the CPU store needs at least one block slot, got {num_slots}")
         self.num_slots = num_slots
+        self.act_slots = act_slots
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = {True: list(range(num_slots - 1, -1, -1)), False: list(range(act_slots - 1, -1, -1))}
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -72,12 +77,15 @@ class BlockIndex:
             out.append(entry)
         return out
 
+    def get(self, block_hash: bytes) -> Entry | None:
+        return self._entries.get(block_hash)
+
     def unpin(self, entries: Iterable[Entry]) -> None:
         for entry in entries:
             if entry.pins > 0:
                 entry.pins -= 1
                 if entry.pins == 0 and not entry.indexed:
-                    self._free.append(entry.slot)
+                    self._free[entry.has_kv].append(entry.slot)
 
     def touch(self, block_hash: bytes) -> None:
         self._entries.move_to_end(block_hash)
@@ -87,15 +95,16 @@ class BlockIndex:
         None when every slot is pinned (the block is then simply not offloaded)."""
         if block_hash in self._entries:
             raise KeyError("block already stored")
-        if not self._free and not self._evict_one():
+        has_kv = not (self.act_slots and has_activations)
+        if not self._free[has_kv] and not self._evict_one(has_kv):
             return None
-        slot = self._free.pop()
-        self._entries[block_hash] = Entry(slot, has_activations)
+        slot = self._free[has_kv].pop()
+        self._entries[block_hash] = Entry(slot, has_activations, has_kv=has_kv)
         return slot
 
-    def _evict_one(self) -> bool:
+    def _evict_one(self, has_kv: bool) -> bool:
         for h, entry in self._entries.items():
-            if entry.pins == 0:
+            if entry.pins == 0 and entry.has_kv == has_kv:
                 self._drop(h)
                 self.evictions += 1
                 return True
@@ -105,7 +114,7 @@ class BlockIndex:
         entry = self._entries.pop(block_hash)
         entry.indexed = False
         if entry.pins == 0:
-            self._free.append(entry.slot)
+            self._free[entry.has_kv].append(entry.slot)
 
     def discard(self, hashes: Iterable[bytes]) -> int:
         """Drop these entries (bad copies, or a cache reset): they are no longer offered and can be
@@ -120,6 +129,26 @@ class BlockIndex:
         """Drop every entry, as vLLM's own CPU offloading does on reset_prefix_cache (weights may
         have changed: nothing stored before may be served after)."""
         return self.discard(list(self._entries))
+
+
+KV_SHARE_OF_ACT_LAYOUT = 1 / 16
+"""Host layout "act": the part of cpu_bytes kept for K/V slots, for the blocks stored without
+activations (the capture space was full, or they were restored). Small, so that activations-only
+slots (half a K/V slot for multi-head models) make up the store: 1.94x the blocks of "kv"."""
+
+
+def slots_for_layout(cpu_bytes: int, kv_block_bytes: int, act_block_bytes: int, layout: str) -> tuple[int, int]:
+    """(K/V slots, activations-only slots) for a host layout; both halves call this with the same
+    sizes. "kv+act": one slot holds a block's K/V and its activations (when it has them); "kv":
+    K/V only; "act": activations only for the blocks that have them, K/V for the others."""
+    if layout == "kv":
+        return slots_for_budget(cpu_bytes, kv_block_bytes), 0
+    if layout == "kv+act":
+        return slots_for_budget(cpu_bytes, kv_block_bytes + act_block_bytes), 0
+    if layout != "act":
+        raise ValueError(f"unknown host layout {layout!r}")
+    kv_slots = max(1, int(cpu_bytes * KV_SHARE_OF_ACT_LAYOUT) // kv_block_bytes)
+    return kv_slots, slots_for_budget(cpu_bytes - kv_slots * kv_block_bytes, act_block_bytes)
 
 
 def slots_for_budget(cpu_bytes: int, bytes_per_block: int) -> int:
@@ -160,9 +189,9 @@ def ensure_room(needs: dict[torch.device, int]) -> None:
             hint = "lower cpu_bytes (--kv-offload-size)"
         else:
             hint = (
-                "leave room for the activation buffers (half the KV cache for multi-head models): "
-                "lower --gpu-memory-utilization or set --kv-cache-memory-bytes, or set "
-                "recompute_ratio to 0 to keep no activations"
+                "leave room for the capture space and restore staging: lower "
+                "--gpu-memory-utilization or --kv-cache-memory-bytes, lower capture_tokens or "
+                "max_recompute_tokens, or set recompute_ratio to 0 to keep no activations"
             )
         raise RuntimeError(
             f"partial_kv needs {need / 2**30:.2f} GiB of {device} memory for its store and "
@@ -188,7 +217,10 @@ class HostPool:
         act_block_shape: tuple[int, int] | None,
         act_dtype: torch.dtype,
         pin: bool,
+        act_slots: int | None = None,
     ) -> None:
+        """`act_slots`: activation slots numbered apart from the K/V ones (host layout "act");
+        None: each K/V slot has its activation slot (same number)."""
         self.num_slots = num_slots
         # (layer, is K/V, shape, strides, dtype) of every view. K/V keep the device blocks' element
         # order: blocks are copied as raw bytes, so a host block must read back in the device's
@@ -198,7 +230,7 @@ class HostPool:
             for v in views:
                 layout.append((name, True, (num_slots, *v.shape[1:]), _slot_strides(name, v), v.dtype))
             if act_block_shape is not None:
-                shape = (num_slots, *act_block_shape)
+                shape = (num_slots if act_slots is None else act_slots, *act_block_shape)
                 layout.append((name, False, shape, _contiguous_strides(shape), act_dtype))
         # Widest elements first (a stable sort: K stays before V), so that every view starts at a
         # multiple of its element size without padding.
@@ -225,8 +257,9 @@ class HostPool:
                 # Before the buffer is freed, never while in use; process exit frees it anyway.
                 weakref.finalize(self, unpin).atexit = False
         logger.info(
-            "partial_kv host store: %d block slots, %.2f GiB%s, activations %s",
+            "partial_kv host store: %d block slots%s, %.2f GiB%s, activations %s",
             num_slots,
+            "" if act_slots is None else f" + {act_slots} activations-only slots",
             self.nbytes / 2**30,
             " pinned" if self.pinned else "",
             "kept" if act_block_shape is not None else "not kept",

@@ -1,0 +1,207 @@
+"""Memory: the capture space and restore staging are sized by the batch, never by the KV cache;
+when the capture space runs out, blocks are stored without activations and restores stream them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from vllm import SamplingParams
+
+from test_restore import _connector_cfg, _prompt, _scheduler_connector, _worker, make_llm  # noqa: F401
+
+
+def _gpu_sized_config(tiny_model, tmp_path, **engine):
+    """A 7B multi-head (Llama-2) shape, as vLLM configures it, from a config.json alone."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = tmp_path / "llama2-7b-shape"
+    shutil.copytree(tiny_model("llama2"), model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+               intermediate_size=11008, head_dim=128)
+    (model / "config.json").write_text(json.dumps(cfg))
+    kv = KVTransferConfig(kv_connector="PartialRecomputeConnector", kv_role="kv_both",
+                          kv_connector_extra_config={"recompute_ratio": "auto"})
+    config = EngineArgs(model=str(model), kv_transfer_config=kv, dtype="bfloat16", **engine).create_engine_config()
+    config.cache_config.block_size = 16  # vLLM's GPU default (the CPU build asks for 128)
+    config.cache_config.kv_cache_memory_bytes = None  # sized from gpu_memory_utilization
+    return config
+
+
+@pytest.mark.parametrize("max_num_seqs,max_num_batched_tokens", [(1024, 16384), (1024, 8192), (256, 2048)])
+def test_kv_cache_keeps_97_percent_of_a_gpu_budget(tiny_model, tmp_path, max_num_seqs, max_num_batched_tokens):
+    """vLLM's GPU defaults (H100/H200: 1024 sequences, 16384 or 8192 tokens; others: 256 and
+    2048) for a 7B multi-head model on an 80 GB GPU: about 56 GiB left for the KV cache after
+    the weights and vLLM's activation peak. The plugin's buffers take under 3% of it."""
+    from vllm_partial_kv.deployment import activations_wanted, device_bytes, kv_budget_with_activations
+
+    config = _gpu_sized_config(tiny_model, tmp_path, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=max_num_batched_tokens)
+    assert activations_wanted(config)
+    available = 56 << 30
+    kv = kv_budget_with_activations(config, available)
+    assert kv == available - device_bytes(config) and kv >= 0.97 * available, kv / available
+    # The same deployment with a 4x smaller KV budget: the plugin's buffers do not shrink with it,
+    # and do not grow with a larger one.
+    assert available - kv == (available // 4) - kv_budget_with_activations(config, available // 4)
+
+
+def _extra_and_kv_bytes() -> tuple[int, int]:
+    runtime = _worker().runtime
+    kv = sum(t.numel() * t.element_size() for t in runtime.kv_caches.values())
+    return runtime.extra_device_bytes, kv
+
+
+def test_capture_and_staging_do_not_grow_with_the_kv_cache(tiny_model, make_llm, monkeypatch):  # noqa: F811
+    """On the CPU build, the KV cache sized by VLLM_CPU_KVCACHE_SPACE (1 GiB) and 4x smaller: the
+    capture space, its map and the restore staging stay at most 5% of the larger cache, and the
+    same in both (the map, 4 bytes per KV block, aside)."""
+    model = tiny_model("llama2")
+    cfg = _connector_cfg(0.5, cpu_bytes=16 << 20)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    llm = make_llm(model, kv_cache_memory_bytes=None, kv_transfer_config=cfg)
+    extra, kv = _extra_and_kv_bytes()
+    blocks = _worker().runtime.num_gpu_blocks
+    del llm
+    assert kv == 1 << 30 and extra <= 0.05 * kv, extra / kv
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    llm = make_llm(model, kv_cache_memory_bytes=kv // 4, kv_transfer_config=cfg)
+    small_extra, small_kv = _extra_and_kv_bytes()
+    small_blocks = _worker().runtime.num_gpu_blocks
+    del llm
+    assert small_kv == kv // 4 and extra - small_extra == 4 * (blocks - small_blocks)
+
+
+@pytest.mark.parametrize("layout", ["kv+act", "act"])
+def test_exhausted_capture_space_stores_kv_only_and_keeps_the_tokens(layout, tiny_model, make_llm):  # noqa: F811
+    """More running sequences than the capture space has blocks (2): blocks that found none are
+    stored without activations (and counted), restores recompute only the leading blocks that
+    have them and stream the rest, and the greedy tokens are vLLM's own. In host layout "act"
+    the blocks with activations are stored without K/V: their restores must recompute them."""
+    model = tiny_model("llama2")
+    sp = SamplingParams(temperature=0, max_tokens=40)
+    prompts = [_prompt(300 + i, 4 * 32 + 10) for i in range(4)]
+    expected = [o.outputs[0].token_ids for o in make_llm(model).generate(prompts, sp, use_tqdm=False)]
+    llm = make_llm(model, kv_transfer_config=_connector_cfg(1.0, capture_tokens=64, host_layout=layout))
+    scheduler, worker = _scheduler_connector(llm), _worker()
+    assert scheduler.capture.num_blocks == 2 and worker.runtime.act_views[worker.runtime.names[0]].shape[0] == 2
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == expected
+    assert scheduler.capture.num_free == 2  # every capture block given back
+    llm.reset_prefix_cache()  # the next round restores from the host
+    loads = []
+    load = worker.runtime.load
+    worker.runtime.load = lambda specs, *a: (loads.extend(specs), load(specs, *a))[1]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == expected
+    totals = worker.totals.data
+    assert totals["blocks_stored_without_activations"] > 0 and totals["tokens_recomputed"] > 0, totals
+    # Some restores recompute their leading captured blocks only; others stream everything.
+    assert any(0 < spec.recompute_blocks < len(spec.block_ids) for spec in loads) or (
+        any(spec.recompute_blocks == 0 for spec in loads) and any(spec.recompute_blocks for spec in loads)
+    ), [(spec.recompute_blocks, len(spec.block_ids)) for spec in loads]
+    index = scheduler.index
+    assert all(not index.get(h).has_kv for h in list(index._entries) if index.get(h).has_activations) == (
+        layout == "act")
+    if layout == "kv+act":  # every restored block holds the K/V vLLM computed (on the host)
+        runtime = worker.runtime
+        for name in runtime.names:
+            for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
+                for spec in loads:
+                    torch.testing.assert_close(gpu[spec.block_ids], host[spec.slots], rtol=1e-3, atol=1e-3)
+    else:  # nothing to stream for activations-only blocks: each restore recomputes all of them
+        assert all(spec.recompute_blocks == spec.must_recompute for spec in loads)
+    del llm
+
+
+@pytest.mark.parametrize("arch", ["llama2", "qwen3"])
+def test_host_layouts_hold_the_same_kv(arch, tiny_model, make_llm):  # noqa: F811
+    """Each host layout restores the K/V vLLM wrote (compared with the K/V the GPU held before
+    the restore) and gives vLLM's greedy tokens. In "act" the planner's ratio (0.5) cannot apply:
+    blocks without K/V on the host must all be recomputed."""
+    model = tiny_model(arch)
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    prompt = _prompt(11, 6 * 32 + 5)
+    expected = make_llm(model).generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    for layout in ("kv+act", "act", "kv"):
+        llm = make_llm(model, kv_transfer_config=_connector_cfg({"kv+act": 1.0, "act": 0.5, "kv": 0.0}[layout], host_layout=layout))
+        runtime, stored = _worker().runtime, []
+        store = runtime.store
+        runtime.store = lambda ids, *a: (stored.extend(ids), store(ids, *a))
+        assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected
+        before = {n: [v[stored[:6]].clone() for v in runtime.gpu_views[n]] for n in runtime.names}
+        llm.reset_prefix_cache()
+        for cache in runtime.kv_caches.values():
+            cache.zero_()
+        assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected, layout
+        (load,) = runtime.last_loads
+        assert len(load.block_ids) == 6 and load.recompute_blocks == (6 if layout != "kv" else 0), layout
+        for name in runtime.names:
+            for gpu, original in zip(runtime.gpu_views[name], before[name]):
+                torch.testing.assert_close(gpu[load.block_ids], original, rtol=1e-3, atol=1e-3)
+        del llm, runtime
+
+
+def test_capture_blocks_go_to_blocks_filled_from_their_first_token():
+    """A block gets a capture block only in the step that writes its first token (one started
+    without keeps none: its earlier rows are gone), keeps it while it fills, and gives it back
+    once its store is issued; every block the step writes is in the map, -1 without one."""
+    from types import SimpleNamespace
+
+    from vllm_partial_kv.capture_space import CaptureSpace
+    from vllm_partial_kv.config import PartialKVConfig
+    from vllm_partial_kv.connector import PartialKVMetadata, PartialRecomputeConnector, _Request
+
+    conn = SimpleNamespace(with_act=True, block_size=4, cfg=PartialKVConfig(), capture=CaptureSpace(2))
+    req = SimpleNamespace(num_computed_tokens=6, num_prompt_tokens=20)
+    state = _Request(req, block_ids=[10, 11, 12, 13, 14, 15])
+
+    def step(tokens: int) -> PartialKVMetadata:
+        meta = PartialKVMetadata()
+        out = SimpleNamespace(num_scheduled_tokens={"r": tokens})
+        PartialRecomputeConnector._map_capture(conn, "r", state, out, meta)
+        req.num_computed_tokens += tokens
+        return meta
+
+    meta = step(7)  # tokens 6..12: block 1 (started before), 2 and 3 (start now)
+    assert meta.capture_block_ids == [11, 12, 13] and meta.capture_blocks == [-1, 0, 1]
+    assert state.capture == {2: 0, 3: 1}
+    PartialRecomputeConnector._give_back_capture(conn, state, below=3)  # block 2 stored
+    meta = step(4)  # tokens 13..16: block 3 continues, block 4 starts
+    assert meta.capture_block_ids == [13, 14] and meta.capture_blocks == [1, 0]
+    meta = step(4)  # tokens 17..20: all lent, so block 5, started now, gets none
+    assert meta.capture_block_ids == [14, 15] and meta.capture_blocks == [0, -1]
+    PartialRecomputeConnector._give_back_capture(conn, state, below=4)  # block 3 stored
+    meta = step(2)  # block 5 continues: still none (its first token's rows are gone)
+    assert meta.capture_blocks == [-1] and conn.capture.num_free == 1
+    PartialRecomputeConnector._give_back_capture(conn, state)  # finished or preempted
+    assert conn.capture.num_free == 2 and not state.capture
+
+
+def test_activations_only_layout_holds_more_tokens():
+    """At equal cpu_bytes, for a multi-head model (activations half the K/V): "act" holds at least
+    1.9x the blocks of "kv", "kv+act" two thirds of them; each kind of slot evicts its own."""
+    from vllm_partial_kv.store import BlockIndex, slots_for_layout
+
+    kv_block, act_block, cpu_bytes = 2 * 4 * 64 * 4 * 32 * 4, 256 * 4 * 32 * 4, 64 << 20
+    kv_only = sum(slots_for_layout(cpu_bytes, kv_block, act_block, "kv"))
+    assert sum(slots_for_layout(cpu_bytes, kv_block, act_block, "act")) >= 1.9 * kv_only
+    assert sum(slots_for_layout(cpu_bytes, kv_block, act_block, "kv+act")) == kv_only * 2 // 3
+    index = BlockIndex(1, act_slots=2)
+    assert [index.allocate(b"a", True), index.allocate(b"b", True), index.allocate(b"k", False)] == [0, 1, 0]
+    assert index.allocate(b"c", True) == 0 and b"a" not in index and b"k" in index  # its own kind
+    assert not index.get(b"c").has_kv and index.get(b"k").has_kv
+
+
+def test_host_layout_is_validated():
+    from vllm_partial_kv.config import ConfigError, parse_config
+
+    assert parse_config({}).host_layout == "kv+act"
+    assert parse_config({"host_layout": "kv"}).wants_activations is False
+    with pytest.raises(ConfigError, match="host_layout must be one of"):
+        parse_config({"host_layout": "kv-act"})
+    with pytest.raises(ConfigError, match="host_layout \"kv\" keeps no activations"):
+        parse_config({"host_layout": "kv", "recompute_ratio": 0.5})

@@ -1,0 +1,139 @@
+"""Deployment decisions both halves (and both processes) must take identically, from
+configuration alone: the model's shape, whether activations are kept, and how much memory the
+plugin's buffers take beside the KV cache."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+from vllm_partial_kv import planner
+from vllm_partial_kv.capture import why_not_captured
+from vllm_partial_kv.config import PartialKVConfig, parse_config
+from vllm_partial_kv.kernels import SPLIT_ROWS
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
+
+
+def extra_config(vllm_config) -> dict[str, Any]:
+    return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+
+
+def uses_this_connector(vllm_config) -> bool:
+    kv = getattr(vllm_config, "kv_transfer_config", None)
+    return kv is not None and kv.kv_connector == "PartialRecomputeConnector"
+
+
+def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShape:
+    mc, parallel = vllm_config.model_config, vllm_config.parallel_config
+    hidden, head = mc.get_hidden_size(), mc.get_head_size()
+    kv_heads = mc.get_num_kv_heads(parallel)
+    return planner.ModelShape(
+        num_layers=mc.get_num_layers(parallel),
+        hidden_size=hidden,
+        num_kv_heads=kv_heads,
+        head_size=head,
+        dtype_bytes=mc.dtype.itemsize,
+        kv_dtype_bytes=kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, mc).itemsize,
+        block_size=block_size or vllm_config.cache_config.block_size,
+        forward_ratio=forward_ratio(
+            mc.hf_text_config, hidden, mc.get_num_attention_heads(parallel) * head, kv_heads * head,
+            parallel.tensor_parallel_size,
+        ),
+    )
+
+
+def forward_ratio(hf_config, hidden: int, q_dim: int, kv_dim: int, tp: int = 1) -> float:
+    """A layer's projection GEMMs per token (QKV, output, MLP: gated unless the config names an
+    OPT-style `ffn_dim`) in units of its K/V projection's, for the planner's forward model."""
+    if getattr(hf_config, "ffn_dim", None):
+        mlp = 2 * hidden * hf_config.ffn_dim
+    else:
+        mlp = 3 * hidden * (getattr(hf_config, "intermediate_size", None) or 4 * hidden)
+    return (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + mlp / tp) / (2 * hidden * kv_dim)
+
+
+_warned_no_capture: set[str] = set()  # reasons already logged (both halves ask, each process)
+
+
+def activations_wanted(vllm_config) -> bool:
+    """Both halves decide this the same way, from configuration alone.
+
+    Activations are kept when a fixed ratio > 0 asks for them, or in auto mode when they are
+    smaller than the K/V they replace (multi-head attention); for grouped-query models they are
+    larger, so recompute from them can only lose and auto mode stores plain K/V.
+    """
+    if not uses_this_connector(vllm_config):
+        return False
+    cfg = parse_config(extra_config(vllm_config))
+    reason = why_not_captured(vllm_config)
+    if reason is not None:
+        if cfg.recompute_ratio != 0 and reason not in _warned_no_capture:
+            _warned_no_capture.add(reason)
+            logger.warning("partial_kv: cannot recompute from activations: %s; offloading plain KV instead", reason)
+        return False
+    if cfg.wants_activations is not None:
+        return cfg.wants_activations
+    shape = model_shape(vllm_config)
+    return shape.act_bytes_per_token < shape.kv_bytes_per_token
+
+
+def kv_budget_with_activations(vllm_config, available: int) -> int:
+    """The part of the memory vLLM found for its KV cache that the KV cache may take, so that the
+    capture space and the restore staging fit beside it. Both are sized from the batch limits,
+    not from the KV cache, so the KV cache keeps almost all of it. vLLM sizes the KV cache
+    without knowing about them; an explicit kv_cache_memory_bytes is left alone (the start-up
+    room check then tells the user if the rest does not fit)."""
+    if vllm_config.cache_config.kv_cache_memory_bytes or not activations_wanted(vllm_config):
+        return available
+    extra = device_bytes(vllm_config)
+    kv = max(0, available - extra)
+    logger.info(
+        "partial_kv: of the %.2f GiB vLLM found for the KV cache, %.3f GiB go to activation "
+        "capture (%d tokens) and restore staging (set kv_cache_memory_bytes to size the KV cache "
+        "yourself)", available / 2**30, (available - kv) / 2**30,
+        capture_blocks(vllm_config) * vllm_config.cache_config.block_size,
+    )
+    return kv
+
+
+DEFAULT_CAPTURE_TOKENS = 4096
+"""The default capture space's ceiling, in tokens per layer. Covering a whole step at vLLM's GPU
+defaults (1024 sequences, 16384 batched tokens) would take 8 GiB for a 7B multi-head model,
+14% of its KV cache on an 80 GB GPU; 4096 tokens take 1 GiB (2%). Past it, blocks are stored
+without activations: their restores stream K/V instead of recomputing them."""
+
+
+def capture_blocks(vllm_config) -> int:
+    """Capture blocks (block_size activation rows per layer each). Lent to a KV block while it is
+    filled and until its store is issued, so at most one partial block per running sequence plus
+    the blocks one step's tokens start are lent at once; never sized from the KV cache."""
+    cfg = parse_config(extra_config(vllm_config))
+    block_size = vllm_config.cache_config.block_size
+    tokens = cfg.capture_tokens
+    if tokens is None:
+        sched = vllm_config.scheduler_config
+        tokens = min(sched.max_num_seqs * block_size + sched.max_num_batched_tokens, DEFAULT_CAPTURE_TOKENS)
+    return -(-tokens // block_size)
+
+
+def device_bytes(vllm_config) -> int:
+    """What the plugin allocates on the KV cache's device beside it when activations are kept:
+    the capture space (plus the row that takes padding) and the restore staging. (The map from
+    KV block to capture block adds 4 bytes per KV block, under 0.01% of the cache.)"""
+    shape = model_shape(vllm_config)
+    rows = capture_blocks(vllm_config) * shape.block_size + 1
+    capture = rows * shape.act_bytes_per_token * shape.num_layers
+    return capture + staging_bytes(shape, parse_config(extra_config(vllm_config)))
+
+
+def staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
+    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens, and
+    the workspace of the recompute's cuBLAS GEMM (one chunk of K and V). One layer's worth at a
+    time (double-buffered), so 1/num_layers of what the largest restore step moves: 256 MiB for
+    a 7B model at the default 16384 tokens, half a percent of its KV cache on an 80 GB GPU."""
+    k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes  # the GEMM's dtype
+    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
+    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace
