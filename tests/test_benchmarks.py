@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,71 @@ def test_gpu_acceptance_smoke(tmp_path, tiny_model):
         assert proc.returncode == 0 and restore.with_suffix(".png").stat().st_size > 0, proc.stderr
     else:
         assert proc.returncode == 1 and "pip install matplotlib" in proc.stderr
+
+
+def _acceptance():
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", ROOT / "benchmarks" / "gpu_acceptance.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_acceptance_verdicts_against_the_targets():
+    """Native vs plugin restore times (restore = host-hit turn - GPU-hit turn) and kernel throughput."""
+    acc = _acceptance()
+
+    def shape(name, native_restore, auto_restore, best_fixed):
+        sweep = [{"ratio": "auto", "cpu_hit_s": 1 + auto_restore, "recompute_fraction": 0.5, "bytes_per_token": 1},
+                 {"ratio": 0.0, "cpu_hit_s": 1 + native_restore, "recompute_fraction": 0.0, "bytes_per_token": 2},
+                 {"ratio": 0.5, "cpu_hit_s": 1 + best_fixed, "recompute_fraction": 0.5, "bytes_per_token": 1}]
+        return [{"shape": name, "system": "native", "cpu_hit_s": 1 + native_restore, "gpu_hit_s": 1.0,
+                 "kv_bytes_per_token": 2},
+                {"shape": name, "system": "partial", "gpu_hit_s": 1.0, "sweep": sweep}]
+
+    results = shape("mha7b", 0.5, 0.25, 0.24) + shape("gqa8b", 0.2, 0.21, 0.2)
+    verdicts = {v["target"].split(":")[0] + (" split" if "split" in v["target"] else ""): v
+                for v in acc.restore_summary({"results": results}, smoke=False)["verdicts"]}
+    assert {k: v["pass"] for k, v in verdicts.items()} == {
+        "mha7b": True, "mha7b split": True, "gqa8b": False, "gqa8b split": True}
+    assert verdicts["gqa8b"]["value"] == 1.05
+    slow_pick = acc.restore_summary({"results": shape("mha7b", 0.5, 0.27, 0.2)}, smoke=False)["verdicts"]
+    assert [v["pass"] for v in slow_pick] == [True, False]  # 0.54x native, but 1.35x the sweep's best
+    no_native = acc.restore_summary({"results": shape("mha7b", 0.5, 0.25, 0.24)[1:]}, smoke=True)["verdicts"]
+    assert no_native[0]["pass"] is None and no_native[0]["value"] is None
+
+    rows = [{"shape": "MHA-7B", "T": t, "fused_ms": 1.0, "mode": "split", "one_pass_ms": 1.3, "split_ms": split,
+             "gemm_ms": 0.86, "config": "-"} for t, split in ((1024, 2.0), (4096, 1.0), (16384, 1.02))]
+    assert [v["pass"] for v in acc.kernel_summary({"rows": rows})["verdicts"]] == [True, False]  # T >= 4096 only
+
+
+def test_acceptance_correctness_compares_tokens_with_the_baseline():
+    acc = _acceptance()
+    engines = ["m:auto:plugin", "m:auto:baseline"]
+    base = {"engine": "m:auto:baseline", "check": "eviction", "tokens": [[1, 2], [3, 4]]}
+    mine = {"engine": "m:auto:plugin", "check": "eviction", "tokens": [[1, 2], [3, 4]], "ok": True}
+    assert acc.correctness_summary([dict(mine), dict(base)], engines)["status"] == "pass"
+    flipped = acc.correctness_summary([{**mine, "tokens": [[1, 2], [3, 5]]}, dict(base)], engines)
+    assert flipped["status"] == "fail" and flipped["checks"][0]["turns_equal"] == "1/2"
+    unfinished = acc.correctness_summary([dict(mine)], engines)
+    assert unfinished["status"] == "fail" and unfinished["unfinished_engines"] == ["m:auto:baseline"]
+
+
+def test_acceptance_parts_are_time_boxed_and_keep_what_finished(tmp_path):
+    """A child still running at the deadline is stopped (with its own children); the results it
+    printed before are kept, and later jobs are reported as not started."""
+    acc = _acceptance()
+    pid_file = tmp_path / "grandchild.pid"
+    slow = ("import subprocess, sys, time; print('RESULT {\"n\": 1}', flush=True); "
+            f"open({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '60']).pid)); time.sleep(60)")
+    jobs = [acc.Job("slow", [sys.executable, "-c", slow]), acc.Job("later", [sys.executable, "-c", "pass"])]
+    seen = []
+    ended = acc.run_jobs(jobs, 3.0, 1, tmp_path, lambda: seen.append(acc.result_lines(tmp_path / "slow.out")))
+    assert ended == {"slow": "stopped at the time budget", "later": "not started: time budget spent"}
+    assert seen[-1] == [{"n": 1}]
+    grandchild = int(pid_file.read_text())  # an engine's own workers go too
+    for _ in range(50):
+        if not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the job's child survived the time box")
