@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 PARTS = ("correctness", "restore", "kernel")
-BUDGET_S = {"correctness": 150, "restore": 330, "kernel": 90}  # 570 s: one device call of 600 s
+BUDGET_S = {"correctness": 150, "restore": 330, "kernel": 90}
+TOTAL_S = 585  # one device call of 600 s, with room to write the report
 GPU_ENGINES = ["llama2:auto:plugin", "llama2:auto:baseline", "qwen3:auto:plugin", "qwen3:auto:baseline",
                "llama2:fp8:plugin"]
 SMOKE_ENGINES = ["llama2:auto:plugin,llama2:auto:baseline,llama2:fp8:plugin"]  # one process: 2 CPU cores
@@ -149,7 +150,8 @@ def restore_summary(data: dict | None, smoke: bool) -> dict:
                          "vs_native": restore / base if base else None,
                          "bytes_per_token": e.get("bytes_per_token"), "recomputed": e["recompute_fraction"]})
         auto = next((r for r in rows if r["shape"] == shape and r["split"] == "auto"), None)
-        fixed = [r["restore_s"] for r in rows if r["shape"] == shape and r["system"] == "plugin" and r["split"] != "auto"]
+        fixed = [r["restore_s"] for r in rows
+                 if r["shape"] == shape and r["system"] == "plugin" and r["split"] != "auto"]
         if shape in NATIVE_TARGET:
             limit = NATIVE_TARGET[shape]
             value = auto and auto["vs_native"]
@@ -237,14 +239,16 @@ def _num(value: float | None, unit: str = "", digits: int = 3) -> str:
 
 def _detail(c: dict) -> str:
     if c["check"] == "kv":
-        return (f"{c['prompt']} prompt ({c['tokens']} tokens, {'above' if c['above_capture'] else 'within'} graph sizes),"
+        where = "above" if c["above_capture"] else "within"
+        return (f"{c['prompt']} prompt ({c['tokens']} tokens, {where} graph sizes),"
                 f" r = {c['recomputed_blocks']}/{c['blocks']}, error {c['rel_err']:.1e} (tol {c['tol']}),"
                 f" same tokens {c['same_tokens']}, async {c['asynchronous']}")
     if c["check"] == "engine":
         return (f"{c['dtype']}, cache {c['kv_cache_dtype']}, block {c['block_size']}, eager {c['enforce_eager']}, "
                 f"graphs {c['cudagraph_mode']} up to {c['max_capture_size']}, start {c['startup_s']} s")
     if c["check"] == "eviction":
-        moved = f", {c['tokens_recomputed']}/{c['tokens_loaded']} restored tokens recomputed" if "tokens_loaded" in c else ""
+        moved = (f", {c['tokens_recomputed']}/{c['tokens_loaded']} restored tokens recomputed"
+                 if "tokens_loaded" in c else "")
         same = f", turns equal to baseline {c['turns_equal']}" if "turns_equal" in c else ""
         return f"{c['seconds']} s{moved}{same}"
     return ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("engine", "check", "ok"))
@@ -268,7 +272,11 @@ def environment(smoke: bool) -> dict:
         except Exception as exc:  # e.g. Triton absent from a CPU venv
             return f"not importable ({type(exc).__name__})"
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}"
+    device = f"CPU {platform.machine()}"
+    if torch.cuda.is_available():  # nvidia-smi: the engines get the whole GPU (no CUDA context here)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        device = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "a CUDA GPU"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {"device": device, "torch": torch.__version__, "triton": version("triton"), "vllm": version("vllm"),
             "plugin_commit": commit.stdout.strip() or "unknown", "smoke": smoke,
@@ -281,6 +289,64 @@ def results_name(report: dict) -> str:
     return f"acceptance-{gpu.group(1).lower() if gpu else 'cpu'}-{report['started'][:10]}.json"
 
 
+# ------------------------------------------------------------------------------------------- plans
+# Each part: the jobs it runs, how many at once, and how to read their results so far.
+Plan = tuple[list[Job], int, Callable[[], dict]]
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    env: dict[str, str]  # of every child
+    out: Path
+    logs: Path
+    scratch: Path  # compile caches: not under OUT, which travels back
+    tiny: Callable[[str], Path]  # a tiny model by arch, built once
+
+
+def plan_correctness(run: Run, budget: float) -> Plan:
+    import torch
+
+    engines = SMOKE_ENGINES if run.args.smoke else GPU_ENGINES
+    names = [e for spec in engines for e in spec.split(",")]
+    for arch in sorted({e.split(":")[0] for e in names}):
+        run.tiny(arch)
+    models = run.tiny("llama2").parent
+    jobs = [Job(spec.replace(":", "-").replace(",", "+"),
+                [sys.executable, str(HERE / "acceptance_checks.py"), "--models-dir", str(models), "--engines", spec]
+                + (["--conversations", "3", "--turns", "2"] if run.args.smoke else []),
+                {**run.env, "VLLM_CACHE_ROOT": str(run.scratch / spec.replace(":", "-")),  # no graph of another engine
+                 "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // len(engines)))})
+            for spec in engines]
+    parallel = run.args.jobs or (len(jobs) if torch.cuda.is_available() else 1)
+    return jobs, parallel, lambda: correctness_summary(
+        [r for job in jobs for r in result_lines(run.logs / f"{job.name}.out")], names)
+
+
+def plan_restore(run: Run, budget: float) -> Plan:
+    result = run.out / "restore.json"
+    cmd = [sys.executable, str(HERE / "restore.py"), "--out", str(result), "--ratios", RATIOS,
+           "--budget-s", str(budget - 10)]
+    if run.args.smoke:
+        print(f"   native offloading skipped: {NO_NATIVE_ON_CPU}", flush=True)
+        cmd += ["--smoke", "--eager", "--model", str(run.tiny("llama2"))]
+    else:
+        cmd += ["--shapes", "mha7b,gqa8b", "--seqs", str(run.args.restore_seqs),
+                "--tokens", str(run.args.restore_tokens)]
+        cmd += [] if run.args.restore_compiled else ["--eager"]
+    return [Job("restore", cmd, run.env)], 1, lambda: restore_summary(read_json(result), run.args.smoke)
+
+
+def plan_kernel(run: Run, budget: float) -> Plan:
+    result = run.out / "kernel.json"
+    cmd = [sys.executable, str(HERE / "kernel.py"), "--out", str(result)] + (
+        ["--smoke"] if run.args.smoke else ["--shapes", "MHA-7B", "--tokens", *map(str, KERNEL_TOKENS)])
+    return [Job("kernel", cmd, run.env)], 1, lambda: kernel_summary(read_json(result))
+
+
+PLANS = {"correctness": plan_correctness, "restore": plan_restore, "kernel": plan_kernel}
+
+
 # ------------------------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,6 +354,8 @@ def main() -> None:
     p.add_argument("--parts", default=",".join(PARTS), help="e.g. restore,kernel to re-run what failed")
     for name, seconds in BUDGET_S.items():
         p.add_argument(f"--budget-{name}", type=float, default=seconds, help=f"seconds (default {seconds})")
+    p.add_argument("--total-s", type=float, default=TOTAL_S,
+                   help="all parts together: a part gets at most what is left of it")
     p.add_argument("--jobs", type=int, help="correctness engines side by side (default: all on a GPU, 1 on a CPU)")
     p.add_argument("--restore-seqs", type=int, default=4, help="requests of --restore-tokens each")
     p.add_argument("--restore-tokens", type=int, default=8192)
@@ -297,6 +365,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU build, tiny shapes: that the run works, not numbers")
     p.add_argument("--results-md", type=Path, metavar="JSON", help="print the tables of a saved acceptance.json")
     args = p.parse_args()
+    started = time.monotonic()
     if args.results_md:
         print(markdown(json.loads(args.results_md.read_text())), end="")
         return
@@ -317,7 +386,6 @@ def main() -> None:
               **environment(args.smoke), "parts": {}}
     save(out, report)
     models = args.models_dir or Path(tempfile.mkdtemp(prefix="acceptance-models-"))
-    scratch = Path(tempfile.mkdtemp(prefix="acceptance-"))  # compile caches: not under OUT, which travels back
 
     def tiny(arch: str) -> Path:
         if not (models / arch).exists():
@@ -326,55 +394,23 @@ def main() -> None:
             make_tiny_model(models / arch, arch)
         return models / arch
 
+    run = Run(args, env, out, logs, Path(tempfile.mkdtemp(prefix="acceptance-")), tiny)
     print(f"acceptance run on {report['device']}: parts {', '.join(parts)}; writing {out}/acceptance.json", flush=True)
     for name in parts:
-        budget = getattr(args, f"budget_{name}")
+        budget = min(getattr(args, f"budget_{name}"), args.total_s - (time.monotonic() - started))
+        if budget < 10:
+            report["parts"][name] = {"status": "not run: --total-s spent", "budget_s": 0}
+            save(out, report)
+            print(f"== {name}: not run, --total-s spent", flush=True)
+            continue
         print(f"== {name}: budget {budget:.0f} s", flush=True)
         t0 = time.monotonic()
         part = report["parts"][name] = {"status": "running", "budget_s": budget}
-        if name == "correctness":
-            engines = SMOKE_ENGINES if args.smoke else GPU_ENGINES
-            names = [e for spec in engines for e in spec.split(",")]
-            for arch in sorted({e.split(":")[0] for e in names}):
-                tiny(arch)
-            jobs = [Job(spec.replace(":", "-").replace(",", "+"),
-                        [sys.executable, str(HERE / "acceptance_checks.py"), "--models-dir", str(models),
-                         "--engines", spec] + (["--conversations", "3", "--turns", "2"] if args.smoke else []),
-                        {**env, "VLLM_CACHE_ROOT": str(scratch / spec.replace(":", "-")),
-                         "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // len(engines)))})
-                    for spec in engines]
+        jobs, parallel, summarize = PLANS[name](run, budget)
 
-            def progress() -> None:
-                results = [r for job in jobs for r in result_lines(logs / f"{job.name}.out")]
-                part.update(correctness_summary(results, names))
-                save(out, report)
-
-            parallel = args.jobs or (len(jobs) if torch.cuda.is_available() else 1)
-        elif name == "restore":
-            if args.smoke:
-                print(f"   native offloading skipped: {NO_NATIVE_ON_CPU}", flush=True)
-            result = out / "restore.json"
-            cmd = [sys.executable, str(HERE / "restore.py"), "--out", str(result), "--ratios", RATIOS,
-                   "--budget-s", str(budget - 10)]
-            if args.smoke:
-                cmd += ["--smoke", "--eager", "--model", str(tiny("llama2"))]
-            else:
-                cmd += ["--shapes", "mha7b,gqa8b", "--seqs", str(args.restore_seqs), "--tokens",
-                        str(args.restore_tokens)] + ([] if args.restore_compiled else ["--eager"])
-            jobs, parallel = [Job("restore", cmd, env)], 1
-
-            def progress() -> None:
-                part.update(restore_summary(read_json(result), args.smoke))
-                save(out, report)
-        else:
-            result = out / "kernel.json"
-            cmd = [sys.executable, str(HERE / "kernel.py"), "--out", str(result)] + (
-                ["--smoke"] if args.smoke else ["--shapes", "MHA-7B", "--tokens", *map(str, KERNEL_TOKENS)])
-            jobs, parallel = [Job("kernel", cmd, env)], 1
-
-            def progress() -> None:
-                part.update(kernel_summary(read_json(result)))
-                save(out, report)
+        def progress() -> None:
+            part.update(summarize())
+            save(out, report)
 
         part["jobs"] = run_jobs(jobs, budget - (time.monotonic() - t0), parallel, logs, progress)
         part["wall_s"] = round(time.monotonic() - t0, 1)

@@ -14,7 +14,8 @@ over fixed ratios and "auto" within one engine (the split is chosen per batch on
 
 The JSON and the table are rewritten after every engine, and an engine still measuring when
 --budget-s runs out is stopped with the ratios it finished, so a run cut off by a time limit keeps
-what it measured. Host and GPU KV sizes default to what the prompts need (--cpu-gib, --gpu-kv-gib). The plot needs matplotlib, which the lent GPU machine lacks: plot there or later,
+what it measured. Host and GPU KV sizes default to what the prompts need (--cpu-gib, --gpu-kv-gib).
+The plot needs matplotlib, which the lent GPU machine lacks: plot there or later,
 with --replot, wherever matplotlib is installed.
 """
 
@@ -154,7 +155,8 @@ def child(args) -> None:
         cpu_hit()  # warm-up (Triton autotune, first-touch)
         before = dict(worker.totals.data)
         t = _time(cpu_hit, args.repeats)
-        moved = {k: worker.totals.data[k] - before[k] for k in ("tokens_loaded", "tokens_recomputed", "bytes_to_device")}
+        moved = {k: worker.totals.data[k] - before[k]
+                 for k in ("tokens_loaded", "tokens_recomputed", "bytes_to_device")}
         out["sweep"].append({
             "ratio": ratio, "cpu_hit_s": t,
             "recompute_fraction": moved["tokens_recomputed"] / max(moved["tokens_loaded"], 1),
