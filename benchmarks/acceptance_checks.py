@@ -77,8 +77,7 @@ def engine_facts(llm) -> dict:
 
 
 def check_kv(engine: str, llm, kv_dtype: str, max_capture: int) -> None:
-    import torch
-    from test_restore import _numbers, _prompt, _worker
+    from test_restore import _corrupted_row_shows, _prompt, _restored_kv_error, _worker
 
     from vllm import SamplingParams
 
@@ -96,14 +95,7 @@ def check_kv(engine: str, llm, kv_dtype: str, max_capture: int) -> None:
             llm.reset_prefix_cache()  # drop the GPU copies; the host store keeps them
             again = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
             (load,) = runtime.last_loads
-            worst = 0.0
-            for name in runtime.names:
-                for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
-                    restored = _numbers(gpu[load.block_ids], kv_dtype).cpu()
-                    original = _numbers(host[load.slots], kv_dtype)
-                    worst = max(worst, ((restored - original).norm() / original.norm()).item())
-            dtype = runtime.pool.kv[runtime.names[0]][0].dtype
-            tol = 1e-3 if dtype == torch.float32 else 0.1 if dtype == torch.uint8 else 1e-2
+            worst, tol = _restored_kv_error(runtime, load, kv_dtype)
             blocks, want = len(load.block_ids), n_tokens // bs
             ok = (list(again) == list(first) and blocks == want
                   and abs(load.recompute_blocks - ratio * blocks) <= 0.5 and worst < tol)
@@ -112,14 +104,8 @@ def check_kv(engine: str, llm, kv_dtype: str, max_capture: int) -> None:
                  rel_err=worst, tol=tol, same_tokens=list(again) == list(first),
                  asynchronous=runtime.last_waited == [], seconds=round(time.perf_counter() - t0, 2), ok=ok)
     # The comparison can fail: one corrupted activation row shows up in the recomputed K/V (r = n).
-    name = runtime.names[0]
-    runtime.pool.act[name][load.slots[0]] += 1.0
-    llm.reset_prefix_cache()
-    llm.generate([prompt], sp, use_tqdm=False)
-    (load,) = runtime.last_loads
-    gpu, host = runtime.gpu_views[name][0], runtime.pool.kv[name][0]
-    diff = (_numbers(gpu[load.block_ids[0]], kv_dtype).cpu() - _numbers(host[load.slots[0]], kv_dtype)).abs().max()
-    emit(engine, "kv_detects_corruption", max_abs_diff=diff.item(), ok=diff.item() > 1e-2)
+    diff = _corrupted_row_shows(llm, runtime, prompt, sp, kv_dtype)
+    emit(engine, "kv_detects_corruption", max_abs_diff=diff, ok=diff > 1e-2)
 
 
 def check_eviction(engine: str, llm, plugin: bool, conversations: int, turns: int) -> None:
