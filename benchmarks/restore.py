@@ -166,12 +166,13 @@ def child(args) -> None:
         emit()
 
 
-def parent(args) -> None:
+def parent(args, t_start: float) -> None:
+    """Children one after the other, until --budget-s (counted from this process's start) is spent."""
     import torch
 
     cuda = torch.cuda.is_available()
     root = Path(tempfile.mkdtemp(prefix="restore-bench-"))
-    results, t_start = [], time.time()
+    results = []
     if args.smoke:
         from vllm_partial_kv.tiny_models import make_tiny_model
 
@@ -305,6 +306,7 @@ def _ratios(text: str) -> list:
 
 
 def main() -> None:
+    t_start = time.time()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="mha7b,gqa8b")
     p.add_argument("--seqs", type=int, default=2)
@@ -333,7 +335,7 @@ def main() -> None:
     elif args.child:
         child(args)
     else:
-        parent(args)
+        parent(args, t_start)
 
 
 if __name__ == "__main__":
