@@ -41,12 +41,6 @@ def emit(engine: str, check: str, **fields) -> None:
     print("RESULT " + json.dumps({"engine": engine, "check": check, **fields}), flush=True)
 
 
-def fp8_cache_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def make_engine(model: Path, kv_dtype: str, plugin: bool, gpu_memory_utilization: float):
     import torch
     from test_restore import _connector_cfg, _kv_bytes
@@ -128,11 +122,12 @@ def check_eviction(engine: str, llm, plugin: bool, conversations: int, turns: in
 
 def run_engine(spec: str, models_dir: Path, args) -> None:
     import torch
+    from test_restore import _fp8_cache_available
 
     from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
 
     arch, kv_dtype, role = spec.split(":")
-    if kv_dtype.startswith("fp8") and not fp8_cache_available():
+    if kv_dtype.startswith("fp8") and not _fp8_cache_available():
         emit(spec, "skipped", reason="vLLM's CPU attention needs AVX-512 or AMX for fp8 caches")
         return
     t0 = time.perf_counter()
