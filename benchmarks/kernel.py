@@ -5,7 +5,9 @@ shape (as the plugin does at start-up), of its two ways, both also timed here: t
 epilogue in one kernel, tile autotuned) and the cuBLAS GEMM followed by the kernel's epilogue alone.
 The unfused path is what the plugin would do without Triton: one cuBLAS GEMM against the merged
 [W_k; W_v], RoPE on K in torch, then a paged-cache write. The bare GEMM is the floor all chase.
-Prints a markdown table (time ratios < 1 mean the recompute is faster) and writes JSON to --out.
+Prints a markdown table (time ratios < 1 mean the recompute is faster) and writes JSON to --out
+after every row. `--smoke` runs the same code on the CPU (Triton's interpreter, a tiny shape,
+wall-clock timing): a check that the benchmark runs, not a measurement.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from vllm_partial_kv.kernels import triton_recompute  # noqa: E402
 from vllm_partial_kv.kernels.reference import apply_rope  # noqa: E402
 
 SHAPES = {"MHA-7B": (4096, 32, 128), "MHA-13B": (5120, 40, 128), "GQA-8B": (4096, 8, 128)}  # hidden, kv heads, head
+SMOKE_SHAPE = {"tiny": (128, 2, 32)}
 TOKENS = (256, 1024, 4096, 16384, 65536)
 BLOCK_SIZE = 16
 MAX_POSITION = 131072
@@ -37,8 +42,10 @@ CacheWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 
 
 def cache_writer(device: torch.device) -> tuple[str, CacheWrite]:
-    """vLLM's reshape_and_cache_flash when vLLM is installed, else torch index_copy_."""
+    """vLLM's reshape_and_cache_flash when vLLM's CUDA build is installed, else torch index_copy_."""
     try:
+        if device.type != "cuda":
+            raise ImportError("vLLM's cache kernels need a GPU")
         import vllm._C  # noqa: F401  (registers torch.ops._C_cache_ops)
 
         op = torch.ops._C_cache_ops.reshape_and_cache_flash
@@ -65,8 +72,19 @@ def input_sets(T: int, hidden: int, num_blocks: int, n: int, device: torch.devic
     return sets
 
 
-def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: CacheWrite) -> dict:
-    device = torch.device("cuda")
+def wall_clock_ms(fn: Callable[[], None]) -> float:
+    """The smoke run's timer (do_bench needs CUDA): median of three calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: CacheWrite,
+                device: torch.device) -> dict:
     kv_dim = heads * head
     num_blocks = triton.cdiv(T, BLOCK_SIZE) + 64
     sets = input_sets(T, hidden, num_blocks, 4 if T <= 4096 else 2, device)
@@ -80,7 +98,7 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
 
     def recompute(s: dict, w: torch.Tensor) -> None:  # what the plugin runs: the pick tuned at start-up
         recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], kv[0], kv[1], s["slot_mapping"], s["positions"], cos_sin,
-                     backend="triton", tune=True)
+                     backend="triton", tune=device.type == "cuda")  # the interpreter has no device to time
 
     def way(mode: str) -> Callable[[dict, torch.Tensor], None]:
         return lambda s, w: triton_recompute.recompute_kv_triton(
@@ -102,7 +120,7 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
     tuner.configs_timings = None
     picked = dict(triton_recompute._modes)
     recompute(s, w)  # tunes this shape's key (every candidate tile is timed), then times the two ways
-    candidates = candidate_times(tuner.configs_timings)
+    candidates = candidate_times(getattr(tuner, "configs_timings", None))
     (mode,) = [m for k, m in triton_recompute._modes.items() if k not in picked] or ["?"]
     recompute_kv(s["x"], w[:kv_dim], w[kv_dim:], ref[0], ref[1], s["slot_mapping"], s["positions"], cos_sin,
                  backend="torch")
@@ -116,6 +134,8 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
 
     def timed(fn: Callable[[dict, torch.Tensor], None]) -> float:
         cycle = itertools.cycle(inputs)
+        if device.type != "cuda":
+            return wall_clock_ms(lambda: fn(*next(cycle)))
         return do_bench(lambda: fn(*next(cycle)), return_mode="median")
 
     times = {"fused": timed(recompute), "one_pass": timed(way("fused")), "split": timed(way("split")),
@@ -128,7 +148,7 @@ def bench_shape(name: str, hidden: int, heads: int, head: int, T: int, write: Ca
         "fused_over_gemm": times["fused"] / times["gemm"],
         "fused_over_unfused": times["fused"] / times["unfused"],
         "mode": mode,
-        "config": triton_recompute.config_name(tuner.best_config),
+        "config": triton_recompute.config_name(tuner.best_config) if candidates else "fixed (not tuned)",
         "candidates_ms": candidates,
         "rel_err_vs_torch": rel_err,
     }
@@ -158,23 +178,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON results path")
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shape (CI)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernel.py needs a CUDA GPU")
+    shapes = SHAPES
+    if args.smoke:
+        if not triton_recompute.INTERPRET:
+            sys.exit("--smoke runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1")
+        shapes, args.shapes, args.tokens = SMOKE_SHAPE, list(SMOKE_SHAPE), [64]
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/kernel.py needs a CUDA GPU (--smoke runs it on the CPU)")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
 
-    writer_name, write = cache_writer(torch.device("cuda"))
+    writer_name, write = cache_writer(device)
     triton_recompute._tuned_kernel.cache_results = False  # tune here, so every candidate gets timed
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)",
+            "torch": torch.__version__, "triton": triton.__version__,
             "dtype": str(DTYPE), "block_size": BLOCK_SIZE, "layout": "FlashAttention [2, blocks, 16, H, D]",
             "rope": "neox, full head", "unfused_cache_write": writer_name,
             "unfused_rope": "torch (reference.apply_rope)",
-            "timing": "triton.testing.do_bench median, L2 flushed per call, inputs rotated",
+            "timing": ("triton.testing.do_bench median, L2 flushed per call, inputs rotated" if device.type == "cuda"
+                       else "wall clock, median of 3 (smoke: not a measurement)"),
             "ratios": "time ratios: < 1 means the recompute is faster"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.shapes:
         for T in args.tokens:
-            row = bench_shape(name, *SHAPES[name], T, write)
+            row = bench_shape(name, *shapes[name], T, write, device)
             rows.append(row)
             args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))  # a cut-off run keeps its rows
             print(f"{name} T={T}: recompute {row['fused_ms']:.3f} ms ({row['fused_tflops']:.0f} TFLOP/s, "
@@ -182,7 +211,8 @@ def main() -> None:
                   f"GEMM {row['gemm_ms']:.3f} ms, unfused {row['unfused_ms']:.3f} ms, {row['config']}", flush=True)
             for tile, ms in sorted((row["candidates_ms"] or {}).items(), key=lambda kv: kv[1])[:4]:
                 print(f"    {ms:.3f} ms  {tile}")
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     print(f"\nrecompute = recompute_kv(backend='triton'), way = its pick (fused: one-pass kernel, split: cuBLAS GEMM "
           f"+ epilogue); unfused = cuBLAS GEMM + torch RoPE + {writer_name}; {meta['device']}, bf16, "
