@@ -20,6 +20,7 @@ the plugin's counters.
     python benchmarks/serve.py --out benchmarks/results/serve.json     # GPU: MHA-7B shape
     python benchmarks/serve.py --smoke --out /tmp/serve.json           # CPU: tiny model, CI
     python benchmarks/serve.py --replot benchmarks/results/serve.json  # table and PNG again
+    python benchmarks/serve.py --systems partial-auto --append a.json  # a saved run plus more systems
 
 The JSON and the table are rewritten after every system, so a run cut off by a time limit keeps
 what it measured. The PNG (TTFT p50 by round, one line per system) needs matplotlib; where it is
@@ -286,6 +287,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, two systems (CI)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     p.add_argument("--replot", type=Path, help="rewrite the table and plot of a saved --out JSON")
+    p.add_argument("--append", type=Path, metavar="JSON",
+                   help="start from the results of a saved run (a run split across calls)")
     args = p.parse_args()
     if args.replot:
         replot(args.replot)
@@ -303,8 +306,10 @@ def main() -> None:
     data = {"title": f"{'tiny llama2 (smoke)' if args.smoke else args.shape}, {args.users} users x {args.rounds} rounds, "
                      f"{_device()}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": _device(),
-            "args": {k: v for k, v in vars(args).items() if k not in ("conv", "out", "replot")},
+            "args": {k: v for k, v in vars(args).items() if k not in ("conv", "out", "replot", "append")},
             "working_set_tokens": total, "results": []}
+    if args.append:
+        data["results"] = json.loads(args.append.read_text())["results"]
     with tempfile.TemporaryDirectory(prefix="vllm-partial-kv-serve-") as tmp:
         work = Path(tmp)
         model = make_model(args, work)
