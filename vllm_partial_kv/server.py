@@ -12,8 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil  # a vLLM dependency
-
 
 class ServerError(RuntimeError):
     """The server exited or did not become ready; the message ends with its log's tail."""
@@ -86,6 +84,8 @@ class Server:
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its children (the engine core)."""
+        import psutil  # a vLLM dependency; not needed to plot a saved benchmark run
+
         root = psutil.Process(self.proc.pid)
         total = 0
         for proc in [root, *root.children(recursive=True)]:
