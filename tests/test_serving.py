@@ -252,19 +252,19 @@ def test_many_clients_same_tokens_as_without_the_plugin(workload):
 
 
 def test_fail_policy_with_a_small_store(workload):
-    """Every 3rd restore fails under vLLM's "fail" policy, with a host store far smaller than the
-    working set: the affected requests fail, every other turn equals the baseline's, the engine
-    keeps serving, failures are counted and nothing stays pinned."""
+    """Every restore fails, under vLLM's "fail" policy, with a host store well under half the
+    working set (so restores are few): the requests that restore fail, every other turn equals
+    the baseline's, the engine keeps serving, failures are counted and nothing stays pinned."""
     model, tmp, system, turns, reference, texts = workload
     working_set = _distinct_blocks(model, system, turns, texts)
-    with _server(model, tmp, "fail-policy", _plugin(cpu_mib=32, policy="fail"), fail_every=3) as server:
+    with _server(model, tmp, "fail-policy", _plugin(cpu_mib=48, policy="fail"), fail_every=1) as server:
         got, _ = _run_round(server, system, turns, texts, disconnects=4)
         gauges = _gauges(server)
         assert server.healthy()
         assert asyncio.run(_chat(_client(server), [{"role": "assistant", "content": "So"}], stream=False))
     assert not _mismatches(got, reference), _mismatches(got, reference)[:5]
-    assert gauges["restore_failures"] > 0 and gauges["tokens_loaded"] > 0, gauges
+    assert gauges["restore_failures"] > 0 and gauges["store_used"] > 0, gauges
     assert gauges["store_pinned"] == 0, gauges
-    assert gauges["store_capacity"] * 3 < working_set, (gauges, working_set)
+    assert gauges["store_capacity"] * 2 < working_set, (gauges, working_set)
     assert got.errors, "no request failed under the fail policy"
     assert len(got.errors) < CLIENTS * TURNS // 2, got.errors[:5]
