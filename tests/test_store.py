@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_partial_kv.config import ConfigError, parse_config
-from vllm_partial_kv.store import BlockIndex, slots_for_budget
+from vllm_partial_kv.store import BlockIndex, StoreUsage, slots_for_budget
 
 
 def h(i: int) -> bytes:
@@ -75,6 +75,29 @@ def test_discarded_block_is_stored_again_while_its_old_copy_is_still_read():
     index.unpin([old])  # the old load ends: its slot is free, the new entry keeps its pin
     assert fresh.pins == 1 and h(1) in index
     assert index.allocate(h(6), has_activations=True) == old.slot and index.evictions == 0
+
+
+def test_usage_counts_slots_pins_and_activations():
+    """The `/metrics` gauges: a dropped block a load still reads keeps its slot used and pinned."""
+    index = BlockIndex(4)
+    assert index.usage() == StoreUsage(capacity=4, used=0, pinned=0, with_activations=0)
+    for i in range(3):
+        index.allocate(h(i), has_activations=i != 1)
+    first = index.pin([h(0), h(1)])
+    second = index.pin([h(0)])  # a second load of block 0: still one pinned slot
+    assert index.usage() == StoreUsage(4, used=3, pinned=2, with_activations=2)
+    index.discard([h(0)])
+    assert index.usage() == StoreUsage(4, used=3, pinned=2, with_activations=1)
+    index.unpin(first)
+    assert index.usage() == StoreUsage(4, used=3, pinned=1, with_activations=1)
+    index.unpin(second + second)  # unpinning more than pinned changes nothing
+    assert index.usage() == StoreUsage(4, used=2, pinned=0, with_activations=1)
+    index.allocate(h(5), True)
+    index.allocate(h(6), True)
+    index.allocate(h(7), False)  # evicts block 2 (the loads made block 1 more recent)
+    assert index.usage() == StoreUsage(4, used=4, pinned=0, with_activations=2)
+    index.clear()
+    assert index.usage() == StoreUsage(4, 0, 0, 0)
 
 
 def test_budget_too_small_is_a_clear_error():

@@ -28,9 +28,12 @@ from vllm_partial_kv.deployment import (
     activations_wanted, capture_blocks, extra_config, model_shape, staging_bytes,
 )
 from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
+from vllm_partial_kv.faults import RestoreFaults
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
-from vllm_partial_kv.store import BlockIndex, Entry, HostPool, ensure_room, slots_for_layout
+from vllm_partial_kv.store import (
+    BlockIndex, Entry, HostPool, StoreUsage, ensure_room, slots_for_layout,
+)
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -112,6 +115,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             # with async scheduling a step's outcome arrives after the next step is scheduled.
             self._finished: list[tuple[int, _Request]] = []
             self._steps = 0
+            self._reported_usage: StoreUsage | None = None  # the gauges last sent to /metrics
             logger.info(
                 "partial_kv: %d host block slots%s (cpu_bytes=%d, host layout %s), activations %s, ratio %s",
                 self.num_slots, f" + {act_slots} activations-only" if act_slots else "",
@@ -123,6 +127,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self.profiles: dict[bool, planner.Profile] = {}  # keyed by "GPU busy with decodes"
             self._profiled_kernel = self.cfg.kernel  # the backend the profiles were measured for
             self._failed_blocks: set[int] = set()  # restores that failed, for vLLM to recover
+            self._faults = RestoreFaults.from_env()  # the documented test hook (faults.py)
             self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
             self._stats = PartialKVStats()
             self.totals = PartialKVStats()  # since start-up, for logs and tests
@@ -430,6 +435,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
         try:
+            self._faults.check()
             self._choose_split(meta, wait)
             done = self.runtime.load(meta.loads, wait)
         except Exception:
@@ -504,6 +510,8 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture, meta.store_kv)
 
     def get_kv_connector_stats(self):
+        if self.is_scheduler:
+            return self._store_gauges()
         if self.runtime is None:
             return None
         step = self.runtime.take_stats()
@@ -513,6 +521,15 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             return None
         out, self._stats = self._stats, PartialKVStats()
         return out
+
+    def _store_gauges(self) -> PartialKVStats | None:
+        """The host store's gauges, when they changed: vLLM asks the scheduler half after every
+        step and adds its stats to the worker's."""
+        usage = self.index.usage()
+        if usage == self._reported_usage:
+            return None
+        self._reported_usage = usage
+        return PartialKVStats.of_store(usage)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):

@@ -8,15 +8,12 @@ the same turn computed before the eviction (the tiny model's greedy output is st
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from vllm_partial_kv.server import Server, free_port, metric_sum, tail
 
 BLOCK_SIZE = 32
 CACHE_TOKENS = 5120  # device KV cache: about three 1.6k-token conversations
@@ -54,30 +51,29 @@ def _run(work: Path) -> int:
     tok = AutoTokenizer.from_pretrained(model)
     print(f"[demo] tiny MHA model in {model} ({'GPU' if on_gpu else 'CPU'} run)", flush=True)
 
-    port = _free_port()
+    port = free_port()
     log_path = work / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(_server_command(model, port, on_gpu), stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_ready(port, server)
-            summary = _workload(port, tok)
-            metrics = _fetch(f"http://127.0.0.1:{port}/metrics")
-        except Exception as exc:  # any failure: show why, from the server's side too
-            raise DemoError(f"{type(exc).__name__}: {exc}\n--- server log tail ---\n"
-                            f"{_tail(log_path)}") from exc
-        finally:
-            rc = _stop(server)
+    server = Server(_server_command(model, port, on_gpu), port, log_path, ready_timeout_s=READY_TIMEOUT_S)
+    try:
+        server.start()
+        print(f"[demo] server ready after {server.ready_after_s:.0f} s", flush=True)
+        summary = _workload(port, tok)
+        metrics = server.metrics()
+    except Exception as exc:  # any failure: show why, from the server's side too
+        raise DemoError(f"{type(exc).__name__}: {exc}\n--- server log tail ---\n"
+                        f"{tail(log_path)}") from exc
+    finally:
+        rc = server.stop()
     lines = [ln for ln in metrics.splitlines()
              if "partial_kv" in ln and not ln.startswith("#") and "_created" not in ln]
     print("[demo] partial_kv metrics:")
     print("\n".join(f"  {ln}" for ln in lines) if lines else "  no partial_kv metrics yet")
-    restored = _metric_sum(metrics, "vllm:external_prefix_cache_hits_total")
+    restored = metric_sum(metrics, "vllm:external_prefix_cache_hits_total")
     print(f"[demo] {summary['requests']} requests, {summary['prompt']} prompt + "
           f"{summary['completion']} completion tokens in {summary['elapsed']:.1f} s; "
           f"{restored:.0f} prompt tokens came from the host store")
     if rc != 0:
-        raise DemoError(f"server exited with status {rc}\n{_tail(log_path)}")
+        raise DemoError(f"server exited with status {rc}\n{tail(log_path)}")
     if restored <= 0:
         raise DemoError("no prompt tokens were restored from the host store")
     print("[demo] ok", flush=True)
@@ -163,50 +159,3 @@ def _document(tok, seed: int) -> str:
         parts.append(line)
         count += len(tok.encode(line + "\n", add_special_tokens=False))
     return "\n".join(parts) + "\nSummarize the text above."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(port: int, server: subprocess.Popen) -> None:
-    start = time.monotonic()
-    while time.monotonic() - start < READY_TIMEOUT_S:
-        if server.poll() is not None:
-            raise DemoError(f"server exited with status {server.returncode}")
-        try:
-            _fetch(f"http://127.0.0.1:{port}/health")
-            print(f"[demo] server ready after {time.monotonic() - start:.0f} s", flush=True)
-            return
-        except OSError:
-            time.sleep(1.0)
-    raise DemoError(f"server not ready after {READY_TIMEOUT_S} s")
-
-
-def _fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.read().decode()
-
-
-def _metric_sum(text: str, name: str) -> float:
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-               if ln.startswith(name + "{") or ln.startswith(name + " "))
-
-
-def _stop(server: subprocess.Popen, timeout: float = 60.0) -> int:
-    """SIGINT (vLLM's graceful shutdown); kill the group if it hangs. Returns the exit status."""
-    if server.poll() is None:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-            return -signal.SIGKILL
-    return server.returncode
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,5 +1,8 @@
 """Connector stats through vLLM's KV-connector stats mechanism: worker -> scheduler -> the
-OpenAI server's `/metrics` (Prometheus) and the periodic "KV Transfer metrics" log line."""
+OpenAI server's `/metrics` (Prometheus) and the periodic "KV Transfer metrics" log line.
+
+Counters come from the worker half (copies, restores); gauges from the scheduler half, which owns
+the host store's index: vLLM aggregates the scheduler connector's stats into the worker's."""
 
 from __future__ import annotations
 
@@ -22,6 +25,14 @@ COUNTERS = {
     "restore_seconds": "Time spent restoring (copy + recompute), seconds",
     "restore_failures": "Restores that failed and were reported to vLLM as KV load errors",
 }
+GAUGES = {  # StoreUsage field -> (metric suffix, documentation)
+    "capacity": ("store_capacity_blocks", "Block slots of the host store"),
+    "used": ("store_used_blocks", "Host store slots holding a block (stored, or read by a load)"),
+    "pinned": ("store_pinned_blocks", "Host store slots a restore in flight reads (not evictable)"),
+    "with_activations": (
+        "store_activation_blocks", "Stored blocks that keep activations (their K/V can be recomputed)"
+    ),
+}
 
 
 @dataclass
@@ -42,23 +53,35 @@ class PartialKVStats(KVConnectorStats):
         d["restore_seconds"] += sum(step.restore_seconds)
         d["restore_failures"] += step.failed_restores
 
+    @classmethod
+    def of_store(cls, usage) -> PartialKVStats:
+        """The scheduler half's snapshot of the host store (a `store.StoreUsage`)."""
+        return cls(data={GAUGES[name][0]: getattr(usage, name) for name in GAUGES})
+
     def reset(self) -> None:
         self.data = {key: 0 for key in COUNTERS}
 
     def aggregate(self, other: KVConnectorStats) -> PartialKVStats:
+        """Counters add up; gauges keep the latest snapshot."""
         for key in COUNTERS:
             self.data[key] += other.data.get(key, 0)
+        for key, _ in GAUGES.values():
+            if key in other.data:
+                self.data[key] = other.data[key]
         return self
 
     def reduce(self) -> dict[str, int | float]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.data.items()}
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(key) for key in COUNTERS)
+        return not any(self.data.get(key) for key in COUNTERS) and not any(
+            key in self.data for key, _ in GAUGES.values()
+        )
 
 
 class PartialKVPromMetrics(KVConnectorPromMetrics):
-    """Counters named `vllm:partial_kv_<what>_total` with vLLM's engine labels."""
+    """Counters named `vllm:partial_kv_<what>_total` and gauges `vllm:partial_kv_store_<what>`,
+    with vLLM's engine labels."""
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -70,9 +93,21 @@ class PartialKVPromMetrics(KVConnectorPromMetrics):
             self.counters[key] = {
                 idx: counter.labels(*values) for idx, values in per_engine_labelvalues.items()
             }
+        self.gauges: dict[str, dict[int, Any]] = {}
+        for key, doc in GAUGES.values():
+            gauge = self._gauge_cls(
+                name=f"vllm:partial_kv_{key}", documentation=doc, labelnames=labelnames,
+                multiprocess_mode="mostrecent",
+            )
+            self.gauges[key] = {
+                idx: gauge.labels(*values) for idx, values in per_engine_labelvalues.items()
+            }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for key, per_engine in self.counters.items():
             value = transfer_stats_data.get(key, 0)
             if value:
                 per_engine[engine_idx].inc(value)
+        for key, per_engine in self.gauges.items():
+            if key in transfer_stats_data:
+                per_engine[engine_idx].set(transfer_stats_data[key])

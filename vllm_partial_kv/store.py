@@ -37,6 +37,16 @@ class Entry:
     has_kv: bool = True  # False: an activations-only slot (host layout "act"), always recomputed
 
 
+@dataclass(frozen=True)
+class StoreUsage:
+    """What the host store holds, in block slots: the `/metrics` gauges."""
+
+    capacity: int
+    used: int  # slots not free: stored blocks, and dropped ones a load still reads
+    pinned: int  # slots a load reads (never evicted until it ends)
+    with_activations: int  # stored blocks that keep their activations (can be recomputed)
+
+
 class BlockIndex:
     """block hash -> host slot, least recently used first; pinned entries are never evicted.
 
@@ -51,6 +61,8 @@ class BlockIndex:
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._free = {True: list(range(num_slots - 1, -1, -1)), False: list(range(act_slots - 1, -1, -1))}
         self.evictions = 0
+        self._pinned = 0  # entries with pins > 0
+        self._with_act = 0  # indexed entries with activations
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -72,6 +84,7 @@ class BlockIndex:
         out = []
         for h in hashes:
             entry = self._entries[h]
+            self._pinned += entry.pins == 0
             entry.pins += 1
             self._entries.move_to_end(h)
             out.append(entry)
@@ -84,8 +97,10 @@ class BlockIndex:
         for entry in entries:
             if entry.pins > 0:
                 entry.pins -= 1
-                if entry.pins == 0 and not entry.indexed:
-                    self._free[entry.has_kv].append(entry.slot)
+                if entry.pins == 0:
+                    self._pinned -= 1
+                    if not entry.indexed:
+                        self._free[entry.has_kv].append(entry.slot)
 
     def touch(self, block_hash: bytes) -> None:
         self._entries.move_to_end(block_hash)
@@ -100,6 +115,7 @@ class BlockIndex:
             return None
         slot = self._free[has_kv].pop()
         self._entries[block_hash] = Entry(slot, has_activations, has_kv=has_kv)
+        self._with_act += has_activations
         return slot
 
     def _evict_one(self, has_kv: bool) -> bool:
@@ -113,6 +129,7 @@ class BlockIndex:
     def _drop(self, block_hash: bytes) -> None:
         entry = self._entries.pop(block_hash)
         entry.indexed = False
+        self._with_act -= entry.has_activations
         if entry.pins == 0:
             self._free[entry.has_kv].append(entry.slot)
 
@@ -124,6 +141,12 @@ class BlockIndex:
         for h in found:
             self._drop(h)
         return len(found)
+
+    def usage(self) -> StoreUsage:
+        """Both slot kinds together (K/V slots and, with host layout "act", activations-only ones)."""
+        capacity = self.num_slots + self.act_slots
+        free = len(self._free[True]) + len(self._free[False])
+        return StoreUsage(capacity, capacity - free, self._pinned, self._with_act)
 
     def clear(self) -> int:
         """Drop every entry, as vLLM's own CPU offloading does on reset_prefix_cache (weights may
