@@ -161,3 +161,25 @@ def make_llm_tp1():
     yield make
     gc.collect()
     ensure_kv_transfer_shutdown()
+
+
+@pytest.mark.parametrize("tp,stages", [(1, [4]), (2, [4]), (1, [3, 2]), (2, [2, 1, 2])])
+def test_cpu_bytes_is_the_total_over_ranks(tp, stages):
+    """Every rank keeps every slot for its own heads and its own pipeline stage's layers. The
+    scheduler sees stage 0's layers, each worker its own: all count the same slots, even with
+    uneven stages, and all ranks' stores together stay within cpu_bytes."""
+    from types import SimpleNamespace
+
+    from vllm_partial_kv.config import PartialKVConfig
+    from vllm_partial_kv.connector import slots_across_ranks
+
+    cfg, layer_block = PartialKVConfig(cpu_bytes=100 << 20), 3 * 4096 // tp  # one layer's block, per rank
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: sum(stages)),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+    )
+    slots = {slots_across_ranks(config, cfg, layer_block * n, n) for n in stages}
+    assert len(slots) == 1
+    (n_slots,) = slots
+    total = tp * sum(n_slots * layer_block * n for n in stages)
+    assert cfg.cpu_bytes - tp * sum(stages) * layer_block < total <= cfg.cpu_bytes
