@@ -1,5 +1,6 @@
-"""Tensor parallelism on vLLM's multi-process executor (the CPU build runs one rank per core):
-every rank offloads and restores its own heads, and `cpu_bytes` is the total across ranks."""
+"""Tensor and pipeline parallelism on vLLM's multi-process executor (the CPU build runs one rank
+per core): every rank offloads and restores its own heads of its own stage's layers, and
+`cpu_bytes` is the total across ranks."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 
 CPU_BYTES = 64 << 20
 
-# One TP=2 engine (start-up dominates): the baseline conversation runs on it with the host
+# One parallel engine (start-up dominates): the baseline conversation runs on it with the host
 # lookups switched off, so vLLM computes every block itself, under the same parallel setup.
-TP2 = textwrap.dedent(
+PARALLEL = textwrap.dedent(
     """
     import json, sys
     from vllm import LLM, SamplingParams
@@ -42,10 +43,13 @@ TP2 = textwrap.dedent(
 
     def rank_state(self):
         from vllm.distributed.kv_transfer import get_kv_transfer_group
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+        from vllm_partial_kv import capture
         worker = get_kv_transfer_group()
         pool = worker.runtime.pool
-        return {"tp_rank": get_tensor_model_parallel_rank(), "totals": worker.totals.data,
+        return {"rank": [get_pp_group().rank_in_group, get_tensor_model_parallel_rank()],
+                "layers": sorted(worker.runtime.names), "captured": sorted(capture.layers()),
+                "stored": sorted(pool.kv), "totals": worker.totals.data,
                 "nbytes": pool.nbytes, "slots": pool.num_slots, "with_act": worker.with_act,
                 "kv_bytes_per_slot": sum(v[0].numel() * v.element_size() for vs in pool.kv.values() for v in vs)}
 
@@ -66,10 +70,10 @@ TP2 = textwrap.dedent(
         return outputs
 
     if __name__ == "__main__":
-        model, cpu_bytes, gpu_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        model, cpu_bytes, gpu_bytes, tp, pp = sys.argv[1], *map(int, sys.argv[2:])
         llm = LLM(model, dtype="float32", block_size=32, kv_cache_memory_bytes=gpu_bytes,
                   max_model_len=768, seed=0, enforce_eager=True, disable_log_stats=True,
-                  tensor_parallel_size=2, distributed_executor_backend="mp",
+                  tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="mp",
                   kv_transfer_config=KVTransferConfig(
                       kv_connector="PartialRecomputeConnector", kv_role="kv_both",
                       kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": 0.5}))
@@ -96,37 +100,55 @@ TP2 = textwrap.dedent(
 )
 
 
+def _offline_pipeline_parallel_runs() -> bool:
+    """vLLM 0.32's CPU model runner fails PP > 1 offline even without a connector (`assert
+    self.intermediate_tensors is not None`); 0.26's runs it."""
+    from vllm_partial_kv.compat import vllm_version
+
+    return vllm_version().release < (0, 32)
+
+
 @pytest.mark.spawn
-def test_tensor_parallel_restores_each_ranks_heads(tiny_model, tmp_path, make_llm_tp1):
-    """TP=2 on the mp executor, under forced eviction in multi-turn conversations: the same
-    greedy tokens as vLLM computing every block itself (same engine, host lookups off), restores
-    recomputing on both ranks, every rank's restored K/V equal to what it offloaded for r = 0,
-    n/2 and n, and `cpu_bytes` split across the ranks (the same slot count everywhere)."""
+@pytest.mark.parametrize("tp,pp", [
+    (2, 1),
+    pytest.param(1, 2, marks=pytest.mark.skipif(
+        not _offline_pipeline_parallel_runs(), reason="this vLLM's CPU build fails PP=2 offline, without the plugin too")),
+])
+def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_llm_tp1):
+    """TP=2 or PP=2 on the mp executor, under forced eviction in multi-turn conversations: the
+    same greedy tokens as vLLM computing every block itself (same engine, host lookups off);
+    every rank captures, stores and restores its own stage's layers, recomputing on every rank;
+    every rank's restored K/V equal what it offloaded for r = 0, n/2 and n; and `cpu_bytes` is
+    split across the ranks (the same slot count everywhere)."""
     model = tiny_model("llama2")
-    # Per rank: 4 layers x K,V x 2 of the 4 heads x 64 x fp32 = 4 KiB a token; the GPU cache holds
-    # 1024 tokens, under two of the three ~550-token conversations: each turn evicts the others.
-    script = tmp_path / "tp2.py"
-    script.write_text(TP2)
+    # Per rank: 4 layers (TP) or 2 (PP) x K,V x 2 (TP) or 4 (PP) heads x 64 x fp32 = 4 KiB a token;
+    # the GPU cache holds 1024 tokens, under two of the three ~550-token conversations.
+    script = tmp_path / "parallel.py"
+    script.write_text(PARALLEL)
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    proc = subprocess.run([sys.executable, str(script), str(model), str(CPU_BYTES), str(1024 * 4096)],
+    args = [str(model), str(CPU_BYTES), str(1024 * 4096), str(tp), str(pp)]
+    proc = subprocess.run([sys.executable, str(script), *args],
                           capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-5000:]
     result = json.loads(lines[-1][7:])
     assert result["same"] and result["baseline_tokens"] == 3 * 2 * 16
-    ranks = sorted(result["ranks"], key=lambda r: r["tp_rank"])
-    assert [r["tp_rank"] for r in ranks] == [0, 1]
+    ranks = sorted(result["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [[p, t] for p in range(pp) for t in range(tp)]
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
     for rank in ranks:
+        stage = layers[rank["rank"][0] * 4 // pp : (rank["rank"][0] + 1) * 4 // pp]
+        assert rank["layers"] == rank["captured"] == rank["stored"] == stage, rank
         assert rank["with_act"]
         assert rank["totals"]["tokens_loaded"] > 0 and rank["totals"]["tokens_recomputed"] > 0, rank
         assert rank["slots"] == result["scheduler_slots"]
-    assert ranks[0]["totals"] == ranks[1]["totals"] | {"restore_seconds": ranks[0]["totals"]["restore_seconds"]}
+        assert rank["totals"] == ranks[0]["totals"] | {"restore_seconds": rank["totals"]["restore_seconds"]}
     for ratio, per_rank in result["kv"].items():
         for kv in per_rank:
             assert kv["blocks"] == 9 and abs(kv["recomputed"] - float(ratio) * 9) <= 0.5, (ratio, kv)
             assert kv["error"] < 1e-3, (ratio, kv)
-    # cpu_bytes is the total: each rank's store is 1/TP of the single-rank store for it, and each
-    # slot holds 1/TP of the single rank's K/V (its heads).
+    # cpu_bytes is the total: each rank's store is half the single-rank store for it, and each
+    # slot holds half the single rank's K/V (its heads, or its stage's layers).
     tp1 = make_llm_tp1(model, CPU_BYTES)
     for rank in ranks:
         assert rank["kv_bytes_per_slot"] * 2 == tp1["kv_bytes_per_slot"]
