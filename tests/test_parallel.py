@@ -185,23 +185,28 @@ def make_llm_tp1():
     ensure_kv_transfer_shutdown()
 
 
+@pytest.mark.parametrize("layout", ["kv+act", "act"])
 @pytest.mark.parametrize("tp,stages", [(1, [4]), (2, [4]), (1, [3, 2]), (2, [2, 1, 2])])
-def test_cpu_bytes_is_the_total_over_ranks(tp, stages):
+def test_cpu_bytes_is_the_total_over_ranks(tp, stages, layout):
     """Every rank keeps every slot for its own heads and its own pipeline stage's layers. The
     scheduler sees stage 0's layers, each worker its own: all count the same slots, even with
     uneven stages, and all ranks' stores together stay within cpu_bytes."""
     from types import SimpleNamespace
 
-    from vllm_partial_kv.config import PartialKVConfig
-    from vllm_partial_kv.connector import slots_across_ranks
+    from vllm_partial_kv.connector import over_ranks
+    from vllm_partial_kv.store import slots_for_layout
 
-    cfg, layer_block = PartialKVConfig(cpu_bytes=100 << 20), 3 * 4096 // tp  # one layer's block, per rank
+    cpu_bytes, kv_layer, act_layer = 100 << 20, 4096 // tp, 3000  # one layer's block, per rank
     config = SimpleNamespace(
         model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: sum(stages)),
         parallel_config=SimpleNamespace(tensor_parallel_size=tp),
     )
-    slots = {slots_across_ranks(config, cfg, layer_block * n, n) for n in stages}
+    slots = {
+        slots_for_layout(cpu_bytes, over_ranks(config, kv_layer * n, n), over_ranks(config, act_layer * n, n), layout)
+        for n in stages
+    }
     assert len(slots) == 1
-    (n_slots,) = slots
-    total = tp * sum(n_slots * layer_block * n for n in stages)
-    assert cfg.cpu_bytes - tp * sum(stages) * layer_block < total <= cfg.cpu_bytes
+    ((kv_slots, act_slots),) = slots
+    act_slots = act_slots if layout == "act" else kv_slots
+    total = tp * sum((kv_slots * kv_layer + act_slots * act_layer) * n for n in stages)
+    assert cpu_bytes - tp * sum(stages) * (kv_layer + act_layer) < total <= cpu_bytes
