@@ -112,7 +112,8 @@ def _offline_pipeline_parallel_runs() -> bool:
 @pytest.mark.parametrize("tp,pp", [
     (2, 1),
     pytest.param(1, 2, marks=pytest.mark.skipif(
-        not _offline_pipeline_parallel_runs(), reason="this vLLM's CPU build fails PP=2 offline, without the plugin too")),
+        not _offline_pipeline_parallel_runs(),
+        reason="this vLLM's CPU build fails PP=2 offline, without the plugin too")),
 ])
 def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_llm_tp1):
     """TP=2 or PP=2 on the mp executor, under forced eviction in multi-turn conversations: the
