@@ -61,7 +61,8 @@ def _build_parser() -> _Parser:
     p.add_argument("model", help="model directory or Hugging Face id (put it first)")
     p.add_argument("--kv-offload", required=True, choices=["partial-recompute", "none"])
     p.add_argument("--kv-offload-size", type=_positive_float, metavar="GiB",
-                   help=f"host memory for offloaded KV and activations "
+                   help=f"host memory for offloaded KV and activations, in total over all "
+                        f"tensor/pipeline-parallel ranks, as for vLLM's --kv-offloading-size "
                         f"(default {DEFAULT_OFFLOAD_GIB})")
     p.add_argument("--recompute-ratio", type=_ratio, metavar="auto|0..1",
                    help="share of restored tokens to recompute (default auto: planner decides)")

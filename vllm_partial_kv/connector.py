@@ -52,7 +52,23 @@ def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: boo
     n_layers = len(groups[0].layer_names)
     shape = model_shape(vllm_config, spec.block_size)
     act_block = spec.block_size * shape.act_bytes_per_token * n_layers
-    return slots_for_layout(cfg.cpu_bytes, spec.page_size_bytes * n_layers, act_block, _layout(cfg, with_act))
+    return slots_for_layout(
+        cfg.cpu_bytes, over_ranks(vllm_config, spec.page_size_bytes * n_layers, n_layers),
+        over_ranks(vllm_config, act_block, n_layers), _layout(cfg, with_act),
+    )
+
+
+def over_ranks(vllm_config, block_bytes: int, num_layers: int) -> int:
+    """A block's bytes over all ranks, from one rank's `block_bytes` for its `num_layers` layers:
+    `cpu_bytes` is the total across ranks, as vLLM's `--kv-offloading-size` is.
+
+    Every rank keeps every slot, for its own heads (tensor parallel) and its own layers (pipeline
+    stage). Counting all layers rather than this stage's keeps the scheduler (which sees stage 0's
+    layers) and every worker on one slot count, even when the stages hold different numbers of
+    layers."""
+    total_layers = vllm_config.model_config.get_total_num_hidden_layers()
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return tp * total_layers * block_bytes // num_layers
 
 
 # ------------------------------------------------------------------------------ metadata
@@ -117,9 +133,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self._steps = 0
             self._reported_usage: StoreUsage | None = None  # the gauges last sent to /metrics
             logger.info(
-                "partial_kv: %d host block slots%s (cpu_bytes=%d, host layout %s), activations %s, ratio %s",
+                "partial_kv: %d host block slots%s (cpu_bytes=%d in total over %d ranks, host layout %s), "
+                "activations %s, ratio %s",
                 self.num_slots, f" + {act_slots} activations-only" if act_slots else "",
-                self.cfg.cpu_bytes, self.layout,
+                self.cfg.cpu_bytes, vllm_config.parallel_config.world_size, self.layout,
                 f"kept (capture space: {self.capture.num_blocks} blocks)" if self.with_act else "not kept",
                 "auto" if self.cfg.recompute_ratio is None else self.cfg.recompute_ratio,
             )
@@ -360,7 +377,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
         layout = _layout(self.cfg, self.with_act)
-        num_slots, act_slots = slots_for_layout(self.cfg.cpu_bytes, kv_bytes, act_bytes, layout)
+        num_slots, act_slots = slots_for_layout(
+            self.cfg.cpu_bytes, over_ranks(vllm_config, kv_bytes, len(views)),
+            over_ranks(vllm_config, act_bytes, len(views)), layout,
+        )
         rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
         on_device = self.with_act * (  # capture space, its map, staging
             rows * len(views) * self.shape.act_bytes_per_token + 4 * num_blocks

@@ -181,7 +181,7 @@ def slots_for_budget(cpu_bytes: int, bytes_per_block: int) -> int:
     if n < 1:
         raise ValueError(
             f"cpu_bytes={cpu_bytes} cannot hold a single block ({bytes_per_block} bytes per block "
-            "for all layers); raise cpu_bytes"
+            "for all layers, on every tensor-parallel rank); raise cpu_bytes"
         )
     return n
 
