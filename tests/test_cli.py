@@ -75,7 +75,7 @@ def test_serve_without_offload_passes_user_connector_through(tmp_path, capsys):
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-transfer-config", "{}"],
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-transfer-config={}"],
     ["serve", "{model}", "--kv-offload", "none", "--model", "other"],
-    ["make-tiny-model", "{model}", "--arch", "gpt2"],
+    ["make-tiny-model", "{model}", "--arch", "falcon"],
     ["make-tiny-model", "{model}", "--arch", "llama", "--hidden", "100"],
     ["make-tiny-model", "{model}", "--arch", "llama", "--layers", "0"],
     ["make-tiny-model", "{model}", "--arch", "llama", "--block-size", "32"],
