@@ -275,12 +275,12 @@ def test_architecture_outside_the_matcher_serves_plain_kv_with_one_warning(tiny_
     """vLLM's Transformers backend runs Hugging Face's attention code, which rotates K in a function:
     both halves offload plain K/V, say why once, and the tokens under eviction are those of vLLM
     without the plugin."""
-    from vllm_partial_kv import connector
+    from vllm_partial_kv import deployment
 
-    monkeypatch.setattr(connector, "_warned_no_capture", set())
+    monkeypatch.setattr(deployment, "_warned_no_capture", set())
     warnings = []
-    warn = connector.logger.warning  # vLLM reconfigures its loggers at start-up: caplog misses them
-    monkeypatch.setattr(connector.logger, "warning", lambda msg, *a: (warnings.append(msg % a), warn(msg, *a)))
+    warn = deployment.logger.warning  # vLLM reconfigures its loggers at start-up: caplog misses them
+    monkeypatch.setattr(deployment.logger, "warning", lambda msg, *a: (warnings.append(msg % a), warn(msg, *a)))
     sp = SamplingParams(temperature=0, max_tokens=24)
     model = tiny_model("llama2")
     small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024, model_impl="transformers")
