@@ -1,6 +1,7 @@
 """Tensor and pipeline parallelism on vLLM's multi-process executor (the CPU build runs one rank
-per core): every rank offloads and restores its own heads of its own stage's layers, and
-`cpu_bytes` is the total across ranks."""
+per core): every rank offloads and restores its own heads of its own stage's layers, keeping its
+1/TP of the activation columns (restores join the ranks' shards), and `cpu_bytes` is the total
+across ranks."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ PARALLEL = textwrap.dedent(
                 worst = max(worst, ((restored - original).norm() / original.norm()).item())
         return {"blocks": len(load.block_ids), "recomputed": load.recompute_blocks, "error": worst}
 
+    def fail_on_last_rank(self, fail):
+        # The documented fault hook, on one rank only: every restore there fails.
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+        from vllm.distributed.parallel_state import get_world_group
+        from vllm_partial_kv.faults import RestoreFaults
+        world = get_world_group()
+        last = world.rank_in_group == world.world_size - 1
+        get_kv_transfer_group()._faults = RestoreFaults(1 if fail and last else None)
+
     def rank_state(self):
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
@@ -51,7 +61,9 @@ PARALLEL = textwrap.dedent(
                 "layers": sorted(worker.runtime.names), "captured": sorted(capture.layers()),
                 "stored": sorted(pool.kv), "totals": worker.totals.data,
                 "nbytes": pool.nbytes, "slots": pool.num_slots, "with_act": worker.with_act,
-                "kv_bytes_per_slot": sum(v[0].numel() * v.element_size() for vs in pool.kv.values() for v in vs)}
+                "shards": worker.shape.act_shards,
+                "kv_bytes_per_slot": sum(v[0].numel() * v.element_size() for vs in pool.kv.values() for v in vs),
+                "act_bytes_per_slot": sum(a[0].numel() * a.element_size() for a in pool.act.values())}
 
     def prompt(seed, n):
         import random
@@ -76,6 +88,7 @@ PARALLEL = textwrap.dedent(
                   tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="mp",
                   kv_transfer_config=KVTransferConfig(
                       kv_connector="PartialRecomputeConnector", kv_role="kv_both",
+                      kv_load_failure_policy="recompute",
                       kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": 0.5}))
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler.connector
         sp = SamplingParams(temperature=0, max_tokens=16)
@@ -87,13 +100,21 @@ PARALLEL = textwrap.dedent(
         got = conversations(llm, 3, 2, sp)
         kv = {}
         one = {"prompt_token_ids": prompt(7, 9 * 32 + 5)}
-        llm.generate([one], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        sp8 = SamplingParams(temperature=0, max_tokens=8)
+        reference = llm.generate([one], sp8, use_tqdm=False)[0].outputs[0].token_ids
         for ratio in (0.0, 0.5, 1.0):
             llm.collective_rpc(set_ratio, args=(ratio,))
             llm.reset_prefix_cache()  # the GPU copies; the host store keeps the blocks
             llm.generate([one], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
             kv[ratio] = llm.collective_rpc(restored_error)
+        # The last rank's restore fails: every rank gives the step's restore up (no rank joins a
+        # gather another skips, none keeps K/V the others did not restore), vLLM recomputes.
+        llm.collective_rpc(fail_on_last_rank, args=(True,))
+        llm.reset_prefix_cache()
+        failed_over = llm.generate([one], sp8, use_tqdm=False)[0].outputs[0].token_ids
+        llm.collective_rpc(fail_on_last_rank, args=(False,))
         print("RESULT " + json.dumps({"same": got == baseline, "baseline_tokens": sum(map(len, baseline)),
+                                      "failed_over_same": list(failed_over) == list(reference),
                                       "scheduler_slots": scheduler.num_slots, "kv": kv,
                                       "ranks": llm.collective_rpc(rank_state)}))
     """
@@ -119,8 +140,10 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_
     """TP=2 or PP=2 on the mp executor, under forced eviction in multi-turn conversations: the
     same greedy tokens as vLLM computing every block itself (same engine, host lookups off);
     every rank captures, stores and restores its own stage's layers, recomputing on every rank;
-    every rank's restored K/V equal what it offloaded for r = 0, n/2 and n; and `cpu_bytes` is
-    split across the ranks (the same slot count everywhere)."""
+    every rank's restored K/V equal what it offloaded for r = 0, n/2 and n (recomputed from the
+    ranks' joined activation shards under TP); a restore that fails on the last rank fails on
+    every TP rank and vLLM recomputes (same tokens); and `cpu_bytes` is split across the ranks
+    (the same slot count everywhere, half the single rank's K/V and activations per slot)."""
     model = tiny_model("llama2")
     # Per rank: 4 layers (TP) or 2 (PP) x K,V x 2 (TP) or 4 (PP) heads x 64 x fp32 = 4 KiB a token;
     # the GPU cache holds 1024 tokens, under two of the three ~550-token conversations.
@@ -134,16 +157,23 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_
     assert proc.returncode == 0 and lines, proc.stderr[-5000:]
     result = json.loads(lines[-1][7:])
     assert result["same"] and result["baseline_tokens"] == 3 * 2 * 16
+    assert result["failed_over_same"]
     ranks = sorted(result["ranks"], key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [[p, t] for p in range(pp) for t in range(tp)]
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
     for rank in ranks:
         stage = layers[rank["rank"][0] * 4 // pp : (rank["rank"][0] + 1) * 4 // pp]
         assert rank["layers"] == rank["captured"] == rank["stored"] == stage, rank
-        assert rank["with_act"]
+        assert rank["with_act"] and rank["shards"] == tp
         assert rank["totals"]["tokens_loaded"] > 0 and rank["totals"]["tokens_recomputed"] > 0, rank
         assert rank["slots"] == result["scheduler_slots"]
-        assert rank["totals"] == ranks[0]["totals"] | {"restore_seconds": rank["totals"]["restore_seconds"]}
+        # Every rank restored the same blocks the same way; under TP the last rank's failure was
+        # every rank's (with PP the other stage restored its own layers, and vLLM rewrote them).
+        same = {"restore_seconds": rank["totals"]["restore_seconds"]}
+        if tp == 1:
+            same["restore_failures"] = rank["totals"]["restore_failures"]
+        assert rank["totals"] == ranks[0]["totals"] | same
+    assert ranks[-1]["totals"]["restore_failures"] == 1
     for ratio, per_rank in result["kv"].items():
         for kv in per_rank:
             assert kv["blocks"] == 9 and abs(kv["recomputed"] - float(ratio) * 9) <= 0.5, (ratio, kv)
@@ -151,8 +181,9 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_
     # cpu_bytes is the total: each rank's store is half the single-rank store for it, and each
     # slot holds half the single rank's K/V (its heads, or its stage's layers).
     tp1 = make_llm_tp1(model, CPU_BYTES)
-    for rank in ranks:
+    for rank in ranks:  # TP: its heads' K/V and its shard of the activation columns
         assert rank["kv_bytes_per_slot"] * 2 == tp1["kv_bytes_per_slot"]
+        assert rank["act_bytes_per_slot"] * 2 == tp1["act_bytes_per_slot"] > 0
         slot_bytes = rank["nbytes"] // rank["slots"]
         assert CPU_BYTES // 2 - slot_bytes < rank["nbytes"] <= CPU_BYTES // 2
         assert abs(rank["nbytes"] - tp1["nbytes"] / 2) < slot_bytes
@@ -177,7 +208,8 @@ def make_llm_tp1():
             kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": 0.5}))
         pool = get_kv_transfer_group().runtime.pool
         state = {"nbytes": pool.nbytes, "slots": pool.num_slots,
-                 "kv_bytes_per_slot": sum(v[0].numel() * v.element_size() for vs in pool.kv.values() for v in vs)}
+                 "kv_bytes_per_slot": sum(v[0].numel() * v.element_size() for vs in pool.kv.values() for v in vs),
+                 "act_bytes_per_slot": sum(a[0].numel() * a.element_size() for a in pool.act.values())}
         del llm, pool
         return state
 

@@ -156,7 +156,7 @@ def test_split_per_restore_mode(caplog):
     shape = ModelShape(32, 4096, 32, 128, 2, 16, forward_ratio=6.0)
     idle = Profile(25e9, ((1024, 1024 * 4 * 4096 * 4096 / 30e12),))
     worker = SimpleNamespace(
-        with_act=True, shape=shape, cfg=PartialKVConfig(), _profiled_kernel="auto",
+        with_act=True, plan_shape=shape, cfg=PartialKVConfig(), _profiled_kernel="auto",
         runtime=SimpleNamespace(max_recompute_tokens=1 << 20, kernel="auto"),
         profiles={False: idle, True: dataclasses.replace(idle, busy_factor=3.0)},
     )
@@ -164,7 +164,8 @@ def test_split_per_restore_mode(caplog):
     def split(wait: str, busy: bool, forward_tokens: int) -> int:
         meta = PartialKVMetadata(loads=[LoadSpec(list(range(1024)), list(range(1024)), 0, 1024)])
         meta.busy, meta.forward_tokens = busy, forward_tokens
-        PartialRecomputeConnector._choose_split(worker, meta, wait)
+        profiled = worker.runtime.kernel == worker._profiled_kernel  # start_load_kv's check
+        PartialRecomputeConnector._choose_split(worker, meta, wait, profiled)
         return meta.loads[0].recompute_blocks
 
     alone = split("whole", False, 8192)

@@ -6,7 +6,8 @@ slot mapping, so it is safe inside CUDA graphs: replays write the rows of whatev
 running. Rows live in a small capture space (blocks of block_size rows), not one row per KV slot:
 a fixed-address int32 map from KV block to capture block (-1: not captured), rewritten in place
 before each forward, sends slot s to row map[s // block_size] * block_size + s % block_size, and
-uncaptured slots and padding to a spare last row. The hooks go in right after the model is loaded
+uncaptured slots and padding to a spare last row. Under tensor parallelism a rank keeps only its
+shard of each row's columns (`ranks.TensorParallelRanks.columns`). The hooks go in right after the model is loaded
 (before vLLM's profiling run and compilation); the buffers are bound later, once the KV cache
 exists, and until then the op does nothing.
 """
@@ -69,6 +70,7 @@ class LayerRecompute:
 _LAYERS: dict[str, LayerRecompute] = {}
 _BUFFERS: dict[str, torch.Tensor] = {}
 _MAP: list[tuple[torch.Tensor, int]] = []  # (KV block -> capture block, block size), once bound
+_COLUMNS: list[int] = [0, 0]  # this rank's columns of a row, [start, end)
 
 
 def layers() -> dict[str, LayerRecompute]:
@@ -76,14 +78,17 @@ def layers() -> dict[str, LayerRecompute]:
 
 
 def bind_buffers(buffers: dict[str, torch.Tensor], block_map: torch.Tensor | None = None,
-                 block_size: int = 0) -> None:
-    """Capture space per layer, [capture_blocks * block_size + 1, hidden] (the spare last row
-    takes padding and uncaptured slots), and the int32 map from KV block to capture block."""
+                 block_size: int = 0, first_column: int = 0) -> None:
+    """Capture space per layer, [capture_blocks * block_size + 1, columns] (the spare last row
+    takes padding and uncaptured slots), the int32 map from KV block to capture block, and where
+    this rank's columns start in a row."""
     _BUFFERS.clear()
     _BUFFERS.update(buffers)
     _MAP.clear()
     if block_map is not None:
         _MAP.append((block_map, block_size))
+    width = next(iter(buffers.values())).shape[-1] if buffers else 0
+    _COLUMNS[:] = first_column, first_column + width
 
 
 def capture_rows(slots: torch.Tensor, block_map: torch.Tensor, block_size: int, spare: int) -> torch.Tensor:
@@ -106,7 +111,9 @@ def capture_op(x: torch.Tensor, qkv_out: torch.Tensor, layer_name: str) -> None:
         return
     n = min(x.shape[0], slots.shape[0])
     block_map, block_size = _MAP[0]
-    buf.index_copy_(0, capture_rows(slots[:n], block_map, block_size, buf.shape[0] - 1), x[:n].to(buf.dtype))
+    start, end = _COLUMNS
+    rows = capture_rows(slots[:n], block_map, block_size, buf.shape[0] - 1)
+    buf.index_copy_(0, rows, x[:n, start:end].to(buf.dtype))
 
 
 @capture_op.register_fake

@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 from vllm_partial_kv import capture, compat, planner
 from vllm_partial_kv.capture_space import CaptureSpace
 from vllm_partial_kv.deployment import (
-    activations_wanted, capture_blocks, extra_config, model_shape, staging_bytes,
+    activations_wanted, capture_blocks, extra_config, model_shape, planning_shape, staging_bytes,
 )
 from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
 from vllm_partial_kv.faults import RestoreFaults
@@ -373,6 +373,14 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         dtype = vllm_config.model_config.dtype
         views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
         self.shape = model_shape(vllm_config)
+        self.plan_shape = planning_shape(vllm_config)
+        # Activation shards: this rank keeps its 1/TP of each row's columns, and restores join them.
+        self._ranks = None
+        if self.with_act and self.shape.act_shards > 1:
+            from vllm_partial_kv.ranks import TensorParallelRanks
+
+            self._ranks = TensorParallelRanks()
+        width = self.shape.hidden_size // self.shape.act_shards
         kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
@@ -394,18 +402,17 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         ensure_room(needs)
         act_buffers, capture_map = {}, None
         if self.with_act:
-            act_buffers = {
-                n: torch.zeros(rows, layers[n].hidden_size, dtype=dtype, device=device)
-                for n in kv_caches
-            }
+            act_buffers = {n: torch.zeros(rows, width, dtype=dtype, device=device) for n in kv_caches}
             capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
-            capture.bind_buffers(act_buffers, capture_map, self.block_size)
-        act_shape = (self.block_size, self.shape.hidden_size) if self.with_act else None
+            first = self._ranks.columns(self.shape.hidden_size)[0] if self._ranks else 0
+            capture.bind_buffers(act_buffers, capture_map, self.block_size, first)
+        act_shape = (self.block_size, width) if self.with_act else None
         pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
                         act_slots=act_slots if layout == "act" else None)
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
             self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
+            gather=self._ranks.gather if self._ranks else None,
         )
         self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
         if self.with_act:
@@ -419,23 +426,31 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
 
     def _load_profiles(self) -> dict[bool, planner.Profile]:
         """Idle and busy profiles of the runtime's recompute backend, at start-up: a restore that
-        shares the GPU with other requests' forward recomputes slower, so it should recompute less."""
-        from vllm_partial_kv import profiler
+        shares the GPU with other requests' forward recomputes slower, so it should recompute less.
+        With activation shards, the all-gather that joins them is measured on the real group. Every
+        rank then plans from rank 0's profiles, so that all pick the same split."""
+        from vllm_partial_kv import profiler, ranks
         from vllm_partial_kv.kernels import recompute_kv
 
         kernel = self._profiled_kernel = self.runtime.kernel
+        dtype, device = self._vllm_config.model_config.dtype, self.runtime.device
 
         def fn(*args, **kwargs):
             return recompute_kv(*args, backend=kernel, tune=True, **kwargs)
 
-        return {
+        profiles = {
             busy: profiler.load_or_measure(
-                self.shape, device=self.runtime.device, recompute_fn=fn,
-                dtype=self._vllm_config.model_config.dtype, cache_dir=self.cfg.profile_cache_dir,
-                with_load=busy, kernel=kernel,
+                self.shape, device=device, recompute_fn=fn, dtype=dtype,
+                cache_dir=self.cfg.profile_cache_dir, with_load=busy, kernel=kernel,
             )
             for busy in (False, True)
         }
+        if self._ranks is not None:
+            bw, latency = profiler.measure_gather(self.shape, self._ranks.gather, device=device, dtype=dtype)
+            logger.info("partial_kv: joining activation shards over %d ranks: %.2f GB/s, %.0f us per call",
+                        self._ranks.size, bw / 1e9, latency * 1e6)
+            profiles = {k: replace(p, gather_bytes_per_s=bw, gather_latency_s=latency) for k, p in profiles.items()}
+        return ranks.from_first_rank(profiles)
 
     def handle_preemptions(self, kv_connector_metadata) -> None:
         """vLLM calls this every step before it writes anything into the KV cache: blocks it
@@ -454,9 +469,21 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         wait: Wait = "none"
         if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
+        refused: Exception | None = None
         try:
             self._faults.check()
-            self._choose_split(meta, wait)
+        except Exception as e:
+            refused = e
+        kernel_profiled = self.runtime.kernel == self._profiled_kernel
+        if self._ranks is not None:
+            # The restore's all-gathers need every rank: all go ahead, with one split, or none.
+            go, kernel_profiled = self._ranks.agree(refused is None, kernel_profiled)
+            if refused is None and not go:
+                refused = RuntimeError("another tensor-parallel rank cannot restore this step")
+        try:
+            if refused is not None:
+                raise refused
+            self._choose_split(meta, wait, kernel_profiled)
             done = self.runtime.load(meta.loads, wait)
         except Exception:
             # A restore that fails must cost its requests, not the engine: vLLM recomputes the
@@ -483,13 +510,13 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
-    def _choose_split(self, meta: PartialKVMetadata, wait: Wait) -> None:
+    def _choose_split(self, meta: PartialKVMetadata, wait: Wait, kernel_profiled: bool) -> None:
         """Per batch: how many leading blocks of each restore to recompute from activations.
         An asynchronous restore shares the GPU with other requests' steps (busy profile); one
         waited for per layer shares it with this step's own forward, which the planner models."""
         loads = meta.loads
         requests = [planner.RestoreRequest(len(s.block_ids), s.recompute_blocks) for s in loads]
-        if self.cfg.recompute_ratio is None and self.profiles and self.runtime.kernel != self._profiled_kernel:
+        if self.cfg.recompute_ratio is None and self.profiles and not kernel_profiled:
             # The kernel failed while serving (it passed start-up tuning). Profiling the torch
             # path now would stall this restore and every request behind it; streaming only is
             # never slower than plain offload.
@@ -504,9 +531,9 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             profile = self.profiles.get(meta.busy and wait == "none")
             forward_s = 0.0
             if wait == "layers" and profile is not None:
-                forward_s = planner.forward_seconds(self.shape, profile, meta.forward_tokens)
+                forward_s = planner.forward_seconds(self.plan_shape, profile, meta.forward_tokens)
             split = planner.plan_split(
-                self.shape, profile, requests, ratio=self.cfg.recompute_ratio,
+                self.plan_shape, profile, requests, ratio=self.cfg.recompute_ratio,
                 max_recompute_tokens=self.runtime.max_recompute_tokens, forward_s=forward_s,
             )
         for spec, r in zip(loads, split):  # activations-only blocks have nothing to stream

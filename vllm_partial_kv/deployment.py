@@ -5,6 +5,7 @@ plugin's buffers take beside the KV cache."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
@@ -42,7 +43,24 @@ def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShap
             mc.hf_text_config, hidden, mc.get_num_attention_heads(parallel) * head, kv_heads * head,
             parallel.tensor_parallel_size,
         ),
+        act_shards=activation_shards(vllm_config),
     )
+
+
+def activation_shards(vllm_config) -> int:
+    """Tensor-parallel ranks each keep 1/TP of every activation row's columns, so a rank's host
+    and PCIe bytes shrink with its K/V; a restore joins the shards over the group before the
+    recompute. Rows that do not split evenly are kept whole on every rank."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return tp if vllm_config.model_config.get_hidden_size() % tp == 0 else 1
+
+
+def planning_shape(vllm_config) -> planner.ModelShape:
+    """The shape every rank plans a restore's split with: the same on every pipeline stage (the
+    largest stage's layer count), so that all ranks restore the same blocks the same way."""
+    parallel = vllm_config.parallel_config
+    layers = vllm_config.model_config.get_total_num_hidden_layers()
+    return replace(model_shape(vllm_config), num_layers=-(-layers // parallel.pipeline_parallel_size))
 
 
 def forward_ratio(hf_config, hidden: int, q_dim: int, kv_dim: int, tp: int = 1) -> float:
@@ -133,7 +151,10 @@ def staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
     """The restore runtime's two GPU staging buffers for the activations of recomputed tokens, and
     the workspace of the recompute's cuBLAS GEMM (one chunk of K and V). One layer's worth at a
     time (double-buffered), so 1/num_layers of what the largest restore step moves: 256 MiB for
-    a 7B model at the default 16384 tokens, half a percent of its KV cache on an 80 GB GPU."""
+    a 7B model at the default 16384 tokens, half a percent of its KV cache on an 80 GB GPU.
+    Under tensor parallelism the staging holds this rank's shards, and one layer's whole rows are
+    joined beside it (the all-gather's output and the rows in token order)."""
     k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes  # the GEMM's dtype
     workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
-    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace
+    joined = 2 * cfg.max_recompute_tokens * shape.hidden_size * shape.dtype_bytes if shape.act_shards > 1 else 0
+    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace + joined

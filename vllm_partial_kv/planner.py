@@ -10,11 +10,13 @@ a millisecond. The model mirrors `restore.RestoreRuntime._load_pipelined`, per l
                     recompute and K/V, run the step's own layer l (f)
 
 with t_x = lat + R*act_bytes/bw, t_kv = lat + S*kv_bytes/bw (each 0 when nothing is copied),
-t_c = busy_factor * recompute_curve(R), and f the forward's time per layer. The recompute and
-the forward share the compute units, so they are modelled as one queue: recompute(l) after
-forward(l-1). The step ends when the forward finishes layer L-1 (with f = 0: when the restore
-does). An asynchronous restore runs beside other requests' steps instead: f = 0 and the busy
-profile's factor stands for them. Where nothing overlaps (`Profile.overlap` False: the CPU runtime
+t_c = busy_factor * recompute_curve(R) + t_g, and f the forward's time per layer. Under tensor
+parallelism each rank copies only its shard of the activation columns (act_bytes is per rank) and
+the compute stream first joins the ranks' shards: t_g = gather_lat + R*gather_bytes/gather_bw.
+The recompute and the forward share the compute units, so they are modelled as one queue:
+recompute(l) after forward(l-1). The step ends when the forward finishes layer L-1 (with f = 0:
+when the restore does). An asynchronous restore runs beside other requests' steps instead: f = 0
+and the busy profile's factor stands for them. Where nothing overlaps (`Profile.overlap` False: the CPU runtime
 copies and recomputes one after the other), a layer costs t_x + t_kv + t_c + f.
 """
 
@@ -39,16 +41,21 @@ class ModelShape:
     """A layer's forward GEMM work per token in units of its K/V projection's (0: unknown)."""
     kv_dtype_bytes: int | None = None
     """Bytes per K/V element in the cache when it differs from the model's (fp8 caches: 1)."""
+    act_shards: int = 1
+    """Tensor-parallel ranks that each keep 1/act_shards of every activation row's columns
+    (num_kv_heads is already this rank's; hidden_size is the whole row the recompute reads)."""
 
     def __post_init__(self) -> None:
         if self.kv_dtype_bytes is None:
             object.__setattr__(self, "kv_dtype_bytes", self.dtype_bytes)
         for name in ("num_layers", "hidden_size", "num_kv_heads", "head_size", "dtype_bytes", "block_size",
-                     "kv_dtype_bytes"):
+                     "kv_dtype_bytes", "act_shards"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
         if not (self.forward_ratio >= 0 and math.isfinite(self.forward_ratio)):
             raise ValueError(f"ModelShape.forward_ratio must be finite and >= 0, got {self.forward_ratio}")
+        if self.hidden_size % self.act_shards:
+            raise ValueError(f"hidden_size {self.hidden_size} does not split into {self.act_shards} shards")
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -57,8 +64,13 @@ class ModelShape:
 
     @property
     def act_bytes_per_token(self) -> int:
-        """The K/V-projection input X of one token in one layer."""
-        return self.hidden_size * self.dtype_bytes
+        """This rank's part of the K/V-projection input X of one token in one layer."""
+        return self.hidden_size * self.dtype_bytes // self.act_shards
+
+    @property
+    def gather_bytes_per_token(self) -> int:
+        """What a rank receives from the others to rebuild one token's row (0 without shards)."""
+        return self.act_bytes_per_token * (self.act_shards - 1)
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,10 @@ class Profile:
     overlap: bool = True
     """Copies run beside the recompute (a GPU's copy engine); False where the runtime runs them one
     after the other (the CPU)."""
+    gather_bytes_per_s: float = 0.0
+    gather_latency_s: float = 0.0
+    """The all-gather joining the tensor-parallel ranks' activation shards, measured on the real
+    group at start-up (0: not measured, no shards)."""
 
     def __post_init__(self) -> None:
         bw = float(self.h2d_bytes_per_s)
@@ -86,6 +102,9 @@ class Profile:
             raise ValueError(f"h2d_bytes_per_s must be >= 0, got {self.h2d_bytes_per_s}")
         if not (self.copy_latency_s >= 0 and math.isfinite(self.copy_latency_s)):
             raise ValueError(f"copy_latency_s must be finite and >= 0, got {self.copy_latency_s}")
+        for name in ("gather_bytes_per_s", "gather_latency_s"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
         if not (self.busy_factor > 0 and math.isfinite(self.busy_factor)):
             raise ValueError(f"busy_factor must be finite and > 0, got {self.busy_factor}")
         points = sorted((int(t), float(s)) for t, s in self.recompute_points)
@@ -122,6 +141,12 @@ class Profile:
             return math.inf
         return self.copy_latency_s + nbytes / self.h2d_bytes_per_s
 
+    def gather_seconds(self, nbytes: int) -> float:
+        """One all-gather that brings this rank `nbytes` of the other ranks' shards."""
+        if nbytes <= 0 or self.gather_bytes_per_s <= 0:
+            return 0.0
+        return self.gather_latency_s + nbytes / self.gather_bytes_per_s
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "h2d_bytes_per_s": self.h2d_bytes_per_s,
@@ -130,6 +155,8 @@ class Profile:
             "busy_factor": self.busy_factor,
             "device": self.device,
             "overlap": self.overlap,
+            "gather_bytes_per_s": self.gather_bytes_per_s,
+            "gather_latency_s": self.gather_latency_s,
         }
 
     @classmethod
@@ -141,6 +168,8 @@ class Profile:
             busy_factor=float(d.get("busy_factor", 1.0)),
             device=str(d.get("device", "")),
             overlap=bool(d.get("overlap", True)),
+            gather_bytes_per_s=float(d.get("gather_bytes_per_s", 0.0)),
+            gather_latency_s=float(d.get("gather_latency_s", 0.0)),
         )
 
 
@@ -175,7 +204,9 @@ def restore_time(
     """
     t_x = profile.copy_seconds(recompute_tokens * shape.act_bytes_per_token)
     t_kv = profile.copy_seconds(stream_tokens * shape.kv_bytes_per_token)
-    t_c = profile.busy_factor * profile.recompute_seconds(recompute_tokens)
+    t_c = profile.busy_factor * profile.recompute_seconds(recompute_tokens) + profile.gather_seconds(
+        recompute_tokens * shape.gather_bytes_per_token
+    )
     if math.isinf(t_x + t_kv + t_c + forward_s):
         return math.inf
     if not profile.overlap:  # each layer's copies, then its recompute, then (if any) its forward
@@ -275,7 +306,8 @@ def _balance_tokens(shape: ModelShape, profile: Profile, n_tokens: int, max_toke
 
     def gap(t: float) -> float:
         copy = 2 * profile.copy_latency_s + (t * act + (n_tokens - t) * kv) / bw
-        return copy - profile.busy_factor * profile.recompute_seconds(t)
+        gather = profile.gather_seconds(round(t * shape.gather_bytes_per_token))
+        return copy - profile.busy_factor * profile.recompute_seconds(t) - gather
 
     edges = [0] + [t for t, _ in profile.recompute_points if t < max_tokens] + [max_tokens]
     lo, g_lo = edges[0], gap(edges[0])

@@ -26,7 +26,7 @@ import torch
 from vllm_partial_kv import __version__
 from vllm_partial_kv.planner import ModelShape, Profile, RestoreRequest, plan_split, restore_time
 
-__all__ = ["measure_profile", "load_or_measure", "format_profile", "CACHE_DIR_ENV"]
+__all__ = ["measure_profile", "measure_gather", "load_or_measure", "format_profile", "CACHE_DIR_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,28 @@ def _measure(
         busy = max(1.0, statistics.median(ratios)) if ratios else 1.0
     return Profile(bandwidth, tuple(zip(token_counts, idle)), latency, busy, _device_name(device),
                    overlap=device.type == "cuda")  # the CPU runtime copies, then recomputes
+
+
+def measure_gather(
+    shape: ModelShape, gather_fn: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device | str,
+    dtype: torch.dtype,
+) -> tuple[float, float]:
+    """(bytes/s, seconds per call) of the all-gather that joins the tensor-parallel ranks'
+    activation shards, timed on the real group like the copy: one block's rows, and the most
+    rows a restore gathers. A collective: every rank of the group must call it at once, with the
+    same shape; it is never cached (the group's links are not part of the device's key)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    width = shape.hidden_size // shape.act_shards
+    row = width * shape.dtype_bytes
+    tokens = max(2 * shape.block_size, (_GPU_COPY_BYTES if cuda else _CPU_COPY_BYTES) // 4 // row)
+    x = torch.zeros(tokens, width, dtype=dtype, device=device)
+    repeats = 10 if cuda else 5
+    t_one = _median_seconds(lambda: gather_fn(x[: shape.block_size]), device, repeats)
+    t_all = _median_seconds(lambda: gather_fn(x), device, repeats)
+    small, big = shape.block_size * shape.gather_bytes_per_token, tokens * shape.gather_bytes_per_token
+    bandwidth = (big - small) / (t_all - t_one) if t_all > t_one else big / t_all
+    return bandwidth, max(0.0, t_one - small / bandwidth)
 
 
 def _cpu_token_counts(shape: ModelShape, token_counts: Sequence[int]) -> list[int]:

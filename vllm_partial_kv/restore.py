@@ -11,7 +11,10 @@ Restore pipeline (CUDA), per layer l, on two side streams:
     compute stream: wait for layer l's activations, recompute K/V into the paged blocks,
                     release staging[l % 2] for layer l + 2, wait for layer l's K/V copy,
                     mark layer l done
-so layer l+1's copies overlap layer l's recompute. Who waits for it (`wait`):
+so layer l+1's copies overlap layer l's recompute. Under tensor parallelism the staging holds this
+rank's shard of the activation columns, and the compute stream first joins every rank's shards
+(`gather`, a collective: every rank restores the same blocks with the same split).
+Who waits for it (`wait`):
     "none"   nobody: an asynchronous load (the default); vLLM keeps the request waiting until
              the event `load` returns has completed, and other requests' steps run meanwhile
     "layers" the forward's attention for layer l (`wait_layer`, called by vLLM from inside the
@@ -29,7 +32,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -134,8 +137,10 @@ class RestoreRuntime:
         max_recompute_tokens: int,
         kernel: str = "auto",
         capture_map: torch.Tensor | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.kv_caches = kv_caches
+        self.gather = gather  # activation shards of every rank -> whole rows; None: rows are whole
         self.names = list(kv_caches)
         self.num_gpu_blocks = num_gpu_blocks
         self.block_size = block_size
@@ -330,7 +335,7 @@ class RestoreRuntime:
                 self._copy_kv(name, *kv_idx)
                 if n_rc:
                     self.copy(self.staging[0], rc_idx[1], self.pool.act[name], rc_idx[0])
-                    self._recompute(name, self.staging[0].view(-1, self.staging[0].shape[-1])[:n_rc], n_rc)
+                    self._recompute(name, self._rows(0, n_rc), n_rc)
             self.stats.restore_seconds.append(time.perf_counter() - t0)
             if wait == "layers":  # nothing to wait for, but the forward's calls are still checked
                 self._awaiting = dict.fromkeys(self.names)
@@ -377,8 +382,7 @@ class RestoreRuntime:
             with torch.cuda.stream(self.compute_stream):
                 if n_rc:
                     self.compute_stream.wait_event(self._x_ready)
-                    x = self.staging[slot].view(-1, self.staging[slot].shape[-1])[:n_rc]
-                    self._recompute(name, x, n_rc)
+                    self._recompute(name, self._rows(slot, n_rc), n_rc)
                     self.compute_stream.record_event(self._free[slot])
                 self.compute_stream.wait_event(self._kv_ready)
                 self.compute_stream.record_event(self._layer_done[name])
@@ -389,6 +393,11 @@ class RestoreRuntime:
         elif wait == "whole":
             main.wait_event(end)
         return end
+
+    def _rows(self, slot: int, n: int) -> torch.Tensor:
+        """The first n activation rows in staging slot `slot`, joined across the ranks if sharded."""
+        x = self.staging[slot].view(-1, self.staging[slot].shape[-1])[:n]
+        return x if self.gather is None else self.gather(x)
 
     def wait_layer(self, name: str) -> None:
         """Called before the forward reads layer `name`: order it after that layer's restore."""
@@ -437,6 +446,9 @@ class RestoreRuntime:
         slots = torch.arange(n) % (self.num_gpu_blocks * self.block_size)
         self._write_index(slots, torch.arange(n) % min(rotary, default=n))
         x = self.staging[0].view(-1, self.staging[0].shape[-1]).zero_()
+        width = next(iter(self.layers.values())).hidden_size
+        if x.shape[-1] != width:  # the staging holds shards; the kernel reads whole rows
+            x = torch.zeros(n, width, dtype=x.dtype, device=self.device)
         for tokens in largest.values():
             for name in self.names:
                 self._recompute(name, x[:tokens], tokens, tune=True)

@@ -1,0 +1,51 @@
+"""What a worker does together with the other ranks: join the tensor-parallel ranks' activation
+shards, agree whether a restore goes ahead, and plan from one profile.
+
+The shards are joined over the torch process group vLLM made for its tensor-parallel group
+(`device_group`: NCCL on GPUs, gloo on the CPU build), not through its device communicator: on
+GPUs that communicator's NCCL calls run on the caller's stream, and a restore's all-gather on the
+restore's stream beside a forward's all-reduce on the main stream, through one NCCL
+communicator, may deadlock. torch's process group runs its collectives on a stream of its own,
+in the order the ranks issue them, which every rank does in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from vllm.distributed.parallel_state import get_tp_group, get_world_group
+
+
+class TensorParallelRanks:
+    """This worker's tensor-parallel group, for a restore that reads activation shards."""
+
+    def __init__(self) -> None:
+        group = get_tp_group()
+        self.size, self.rank = group.world_size, group.rank_in_group
+        self._device_group, self._cpu_group = group.device_group, group.cpu_group
+
+    def columns(self, hidden_size: int) -> tuple[int, int]:
+        """This rank's columns of an activation row (the ranks' shards in rank order make it)."""
+        width = hidden_size // self.size
+        return self.rank * width, (self.rank + 1) * width
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """[tokens, hidden / TP] shards of every rank -> [tokens, hidden] rows."""
+        tokens, width = shard.shape
+        out = torch.empty(self.size * tokens, width, dtype=shard.dtype, device=shard.device)
+        dist.all_gather_into_tensor(out, shard.contiguous(), group=self._device_group)
+        return out.view(self.size, tokens, width).transpose(0, 1).reshape(tokens, self.size * width)
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on every rank (a host-side all-reduce): a restore whose all-gathers some
+        rank would not join must not start on any rank."""
+        values = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN, group=self._cpu_group)
+        return [bool(v) for v in values.tolist()]
+
+
+def from_first_rank(obj):
+    """Rank 0's object on every rank of the deployment (all stages): ranks that plan from the
+    same profile pick the same split."""
+    return get_world_group().broadcast_object(obj, src=0)
