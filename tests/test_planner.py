@@ -78,6 +78,35 @@ def test_bytes_per_token():
     assert GQA_8B.kv_bytes_per_token == 4096 < GQA_8B.act_bytes_per_token
 
 
+def test_activation_shards_split_the_rows_bytes():
+    """Under TP=2 a rank copies half of each activation row and receives the other half."""
+    tp2 = dataclasses.replace(MHA_7B, num_kv_heads=16, act_shards=2)
+    assert tp2.act_bytes_per_token == 4096 == tp2.kv_bytes_per_token // 2
+    assert tp2.gather_bytes_per_token == 4096 and MHA_7B.gather_bytes_per_token == 0
+    with pytest.raises(ValueError):
+        dataclasses.replace(MHA_7B, act_shards=3)  # 4096 columns do not split in three
+
+
+def test_joining_shards_costs_the_recompute_its_gather():
+    """t_c = busy * recompute + gather per layer: a slow gather leaves little worth recomputing
+    (only what hides behind the streamed copies); a free one (or none measured) leaves the split
+    as with whole rows."""
+    tp2 = dataclasses.replace(MHA_7B, num_kv_heads=16, act_shards=2)
+    fast = h100(tp2)
+    reqs = [RestoreRequest(1024, 1024)]
+    (r_free,) = plan_split(tp2, fast, reqs)
+    assert r_free > 0.8 * 1024
+    shape = ModelShape(3, 2, 1, 1, 1, 1, act_shards=2)  # 1 byte of X per token and rank, 1 gathered
+    by_hand = Profile(1.0, ((2, 10.0),), gather_bytes_per_s=0.5, gather_latency_s=1.0)
+    assert restore_time(shape, by_hand, 2, 0) == pytest.approx(2 + 3 * (10 + 1 + 2 / 0.5))
+    nvlink = dataclasses.replace(fast, gather_bytes_per_s=400e9, gather_latency_s=20e-6)
+    (r_nvlink,) = plan_split(tp2, nvlink, reqs)
+    assert 0 < r_nvlink <= r_free
+    slow = dataclasses.replace(fast, gather_bytes_per_s=1e9)
+    (r_slow,) = plan_split(tp2, slow, reqs)
+    assert r_slow < 0.1 * 1024 and cost(tp2, slow, reqs, r_slow) < cost(tp2, slow, reqs, 512)
+
+
 def test_recompute_curve_interpolates_and_extrapolates():
     p = Profile(1e9, ((200, 3.0), (100, 1.0)))
     assert p.recompute_points == ((100, 1.0), (200, 3.0))
@@ -344,8 +373,11 @@ def test_fixed_ratio_is_honoured_and_clipped():
 
 
 def test_profile_round_trips_through_json():
-    p = Profile(54.5e9, ((256, 1e-5), (4096, 1e-4)), 4e-6, 1.5, "NVIDIA H100")
+    p = Profile(54.5e9, ((256, 1e-5), (4096, 1e-4)), 4e-6, 1.5, "NVIDIA H100", gather_bytes_per_s=3e11,
+                gather_latency_s=2e-5)
     assert Profile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    with pytest.raises(ValueError):
+        Profile(1e9, gather_bytes_per_s=math.inf)
     with pytest.raises(ValueError):
         Profile(-1.0)
     with pytest.raises(ValueError):

@@ -55,6 +55,21 @@ def test_measure_profile_on_cpu():
     assert len(plan_split(TINY, p, [RestoreRequest(8, 8)])) == 1
 
 
+def test_measure_gather_fits_the_collective_it_is_given():
+    """The shard join is timed like the copy (one block, then the largest call) through the
+    function given: here a stand-in for two ranks that doubles the columns."""
+    shape = dataclasses.replace(TINY, act_shards=2)
+    widths = []
+
+    def gather(shard: torch.Tensor) -> torch.Tensor:
+        widths.append(shard.shape[1])
+        return torch.cat([shard, shard], dim=1)
+
+    bw, latency = profiler.measure_gather(shape, gather, device="cpu", dtype=torch.float32)
+    assert set(widths) == {TINY.hidden_size // 2} and len(widths) == 2 * (1 + 5)  # warm-up + repeats
+    assert 0 < bw < math.inf and latency >= 0
+
+
 def test_measure_profile_under_load():
     p = profiler.measure_profile(TINY, device="cpu", recompute_fn=recompute_kv, dtype=torch.float32,
                                  token_counts=(32, 128), with_load=True)

@@ -395,7 +395,7 @@ def test_start_up_tunes_every_bucket_so_that_restores_never_time(monkeypatch):
     weights = {n: torch.randn(2 * kv_dim, HIDDEN) for n in names}
     layers = {n: SimpleNamespace(
         attn=SimpleNamespace(num_kv_heads=HEADS, head_size=HEAD, kv_cache_dtype="auto"), has_dense_weight=True,
-        w_k=w[:kv_dim], w_v=w[kv_dim:], biases=lambda: (None, None), k_norm=None, rope=None,
+        hidden_size=HIDDEN, w_k=w[:kv_dim], w_v=w[kv_dim:], biases=lambda: (None, None), k_norm=None, rope=None,
     ) for n, w in weights.items()}
     kv_caches = {n: torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD) for n in names}
     pool = HostPool(8, {n: [t] for n, t in kv_caches.items()}, (BS, HIDDEN), torch.float32, pin=False)
