@@ -62,6 +62,7 @@ PARALLEL = textwrap.dedent(
                 "stored": sorted(pool.kv), "totals": worker.totals.data,
                 "nbytes": pool.nbytes, "slots": pool.num_slots, "with_act": worker.with_act,
                 "shards": worker.shape.act_shards,
+                "profiles": {str(busy): p.to_dict() for busy, p in worker.profiles.items()},
                 "kv_bytes_per_slot": sum(v[0].numel() * v.element_size() for vs in pool.kv.values() for v in vs),
                 "act_bytes_per_slot": sum(a[0].numel() * a.element_size() for a in pool.act.values())}
 
@@ -89,7 +90,7 @@ PARALLEL = textwrap.dedent(
                   kv_transfer_config=KVTransferConfig(
                       kv_connector="PartialRecomputeConnector", kv_role="kv_both",
                       kv_load_failure_policy="recompute",
-                      kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": 0.5}))
+                      kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": "auto"}))
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler.connector
         sp = SamplingParams(temperature=0, max_tokens=16)
         lookup = scheduler.get_num_new_matched_tokens
@@ -138,8 +139,9 @@ def _offline_pipeline_parallel_runs() -> bool:
         reason="this vLLM's CPU build fails PP=2 offline, without the plugin too")),
 ])
 def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_llm_tp1):
-    """TP=2 or PP=2 on the mp executor, under forced eviction in multi-turn conversations: the
-    same greedy tokens as vLLM computing every block itself (same engine, host lookups off);
+    """TP=2 or PP=2 on the mp executor, in auto mode, under forced eviction in multi-turn
+    conversations: the same greedy tokens as vLLM computing every block itself (same engine,
+    host lookups off); every rank plans from the same profiles;
     every rank captures, stores and restores its own stage's layers, recomputing on every rank;
     every rank's restored K/V equal what it offloaded for r = 0, n/2 and n (recomputed from the
     ranks' joined activation shards under TP); a restore that fails on the last rank fails on
@@ -150,7 +152,7 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_
     # the GPU cache holds 1024 tokens, under two of the three ~550-token conversations.
     script = tmp_path / "parallel.py"
     script.write_text(PARALLEL)
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_PARTIAL_KV_CACHE_DIR": str(tmp_path)}
     args = [str(model), str(CPU_BYTES), str(1024 * 4096), str(tp), str(pp)]
     proc = subprocess.run([sys.executable, str(script), *args],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -167,6 +169,10 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_
         stage = layers[rank["rank"][0] * 4 // pp : (rank["rank"][0] + 1) * 4 // pp]
         assert rank["layers"] == rank["captured"] == rank["stored"] == stage, rank
         assert rank["with_act"] and rank["shards"] == tp
+        # Auto mode: every rank plans from rank 0's profiles (under TP with the shard join's
+        # rate, measured on the group), so all pick the same splits.
+        assert rank["profiles"] == ranks[0]["profiles"] and len(rank["profiles"]) == 2
+        assert all((p["gather_bytes_per_s"] > 0) == (tp > 1) for p in rank["profiles"].values())
         assert rank["totals"]["tokens_loaded"] > 0 and rank["totals"]["tokens_recomputed"] > 0, rank
         assert rank["slots"] == result["scheduler_slots"]
         # Every rank restored the same blocks the same way.
