@@ -30,10 +30,16 @@ PARALLEL = textwrap.dedent(
         # hook) in every Ray worker, so that vLLM's Ray executor places one worker per core.
         import ray
         from vllm.platforms.cpu import CpuPlatform
-        from vllm.v1.executor.ray_executor_v2 import RayWorkerProc
+        from vllm.utils.network_utils import get_open_port
+        from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
         CpuPlatform.ray_device_key = "cpu_core"
         RayWorkerProc.get_node_and_physical_gpu_ids = lambda self: (
             ray.get_runtime_context().get_node_id(), [self._init_kwargs["rank"]])
+        if hasattr(RayExecutorV2, "_select_tcpstore_port"):
+            # vLLM 0.26 takes port 100 without data parallelism, and the CPU all-reduce names its
+            # shared memory after that port and leaves it behind when Ray kills the workers: the
+            # next run would fail (EEXIST). A free port, as vLLM 0.32 and the mp executor take.
+            RayExecutorV2._select_tcpstore_port = staticmethod(lambda *args: get_open_port())
 
     def start_ray(tp, pp):
         import ray
