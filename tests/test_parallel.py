@@ -1,12 +1,14 @@
-"""Tensor and pipeline parallelism on vLLM's multi-process executor (the CPU build runs one rank
-per core): every rank offloads and restores its own heads of its own stage's layers, keeping its
-1/TP of the activation columns (restores join the ranks' shards), and `cpu_bytes` is the total
-across ranks."""
+"""Tensor and pipeline parallelism on vLLM's multi-process and Ray executors (the CPU build runs
+one rank per core): every rank offloads and restores its own heads of its own stage's layers,
+keeping its 1/TP of the activation columns (restores join the ranks' shards), and `cpu_bytes` is
+the total across ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,9 +21,32 @@ CPU_BYTES = 64 << 20
 # lookups switched off, so vLLM computes every block itself, under the same parallel setup.
 PARALLEL = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
+
+    def cpu_as_ray_device():
+        # vLLM's CPU platform names no Ray device ("current platform cpu does not support ray"):
+        # a custom Ray resource stands in for it, in the engine and (as Ray's worker set-up
+        # hook) in every Ray worker, so that vLLM's Ray executor places one worker per core.
+        import ray
+        from vllm.platforms.cpu import CpuPlatform
+        from vllm.utils.network_utils import get_open_port
+        from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
+        CpuPlatform.ray_device_key = "cpu_core"
+        RayWorkerProc.get_node_and_physical_gpu_ids = lambda self: (
+            ray.get_runtime_context().get_node_id(), [self._init_kwargs["rank"]])
+        if hasattr(RayExecutorV2, "_select_tcpstore_port"):
+            # vLLM 0.26 takes port 100 without data parallelism, and the CPU all-reduce names its
+            # shared memory after that port and leaves it behind when Ray kills the workers: the
+            # next run would fail (EEXIST). A free port, as vLLM 0.32 and the mp executor take.
+            RayExecutorV2._select_tcpstore_port = staticmethod(lambda *args: get_open_port())
+
+    def start_ray(tp, pp):
+        import ray
+        cpu_as_ray_device()
+        ray.init(num_cpus=tp * pp, resources={"cpu_core": tp * pp}, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": cpu_as_ray_device})
 
     def set_ratio(self, ratio):
         from dataclasses import replace
@@ -57,7 +82,10 @@ PARALLEL = textwrap.dedent(
         from vllm_partial_kv import capture
         worker = get_kv_transfer_group()
         pool = worker.runtime.pool
+        ray = sys.modules.get("ray")
         return {"rank": [get_pp_group().rank_in_group, get_tensor_model_parallel_rank()],
+                "ray_actor": bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id()),
+                "pid": os.getpid(),
                 "layers": sorted(worker.runtime.names), "captured": sorted(capture.layers()),
                 "stored": sorted(pool.kv), "totals": worker.totals.data,
                 "nbytes": pool.nbytes, "slots": pool.num_slots, "with_act": worker.with_act,
@@ -83,10 +111,12 @@ PARALLEL = textwrap.dedent(
         return outputs
 
     if __name__ == "__main__":
-        model, cpu_bytes, gpu_bytes, tp, pp = sys.argv[1], *map(int, sys.argv[2:])
+        model, cpu_bytes, gpu_bytes, tp, pp, backend = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+        if backend == "ray":
+            start_ray(tp, pp)
         llm = LLM(model, dtype="float32", block_size=32, kv_cache_memory_bytes=gpu_bytes,
                   max_model_len=768, seed=0, enforce_eager=True, disable_log_stats=True,
-                  tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="mp",
+                  tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend=backend,
                   kv_transfer_config=KVTransferConfig(
                       kv_connector="PartialRecomputeConnector", kv_role="kv_both",
                       kv_load_failure_policy="recompute",
@@ -115,10 +145,14 @@ PARALLEL = textwrap.dedent(
         llm.reset_prefix_cache()
         failed_over = llm.generate([one], sp8, use_tqdm=False)[0].outputs[0].token_ids
         llm.collective_rpc(fail_on_last_rank, args=(False,))
-        print("RESULT " + json.dumps({"same": got == baseline, "baseline_tokens": sum(map(len, baseline)),
+        print("RESULT " + json.dumps({"same": got == baseline, "pid": os.getpid(),
+                                      "baseline_tokens": sum(map(len, baseline)),
                                       "failed_over_same": list(failed_over) == list(reference),
                                       "scheduler_slots": scheduler.num_slots, "kv": kv,
                                       "before": before, "ranks": llm.collective_rpc(rank_state)}))
+        # Now, while Ray is up: at exit Ray's own hook would run first, and vLLM's shutdown would
+        # then start a new Ray instance to kill its workers (and leave its agents behind).
+        llm.llm_engine.engine_core.shutdown()
     """
 )
 
@@ -132,17 +166,26 @@ def _pipeline_parallel_runs() -> bool:
     return vllm_version().release < (0, 32)
 
 
+def _ray_importable() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("ray") is not None
+
+
 @pytest.mark.spawn
-@pytest.mark.parametrize("tp,pp", [
-    (2, 1),
-    pytest.param(1, 2, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("tp,pp,backend", [
+    (2, 1, "mp"),
+    pytest.param(2, 1, "ray", marks=pytest.mark.skipif(
+        not _ray_importable(), reason="ray is not installed (pip install 'vllm-partial-kv[ray]')")),
+    pytest.param(1, 2, "mp", marks=pytest.mark.skipif(
         not _pipeline_parallel_runs(),
         reason="this vLLM's CPU build fails PP=2, offline and served, without the plugin too")),
 ])
-def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_llm_tp1):
-    """TP=2 or PP=2 on the mp executor, in auto mode, under forced eviction in multi-turn
-    conversations: the same greedy tokens as vLLM computing every block itself (same engine,
-    host lookups off); every rank plans from the same profiles;
+def test_parallel_ranks_restore_their_own_kv(tp, pp, backend, tiny_model, tmp_path, make_llm_tp1):
+    """TP=2 or PP=2 on the mp executor, and TP=2 on the Ray executor (workers in Ray actors,
+    where the plugin must load from its entry point as in mp's worker processes), in auto mode,
+    under forced eviction in multi-turn conversations: the same greedy tokens as vLLM computing
+    every block itself (same engine, host lookups off); every rank plans from the same profiles;
     every rank captures, stores and restores its own stage's layers, recomputing on every rank;
     every rank's restored K/V equal what it offloaded for r = 0, n/2 and n (recomputed from the
     ranks' joined activation shards under TP); a restore that fails on the last rank fails on
@@ -153,18 +196,21 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_
     # the GPU cache holds 1024 tokens, under two of the three ~550-token conversations.
     script = tmp_path / "parallel.py"
     script.write_text(PARALLEL)
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_PARTIAL_KV_CACHE_DIR": str(tmp_path)}
-    args = [str(model), str(CPU_BYTES), str(1024 * 4096), str(tp), str(pp)]
-    proc = subprocess.run([sys.executable, str(script), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-5000:]
+    # Ray in a sandbox: no usage report, no auth token written to ~/.ray (the dashboard is off
+    # in the script's ray.init).
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_PARTIAL_KV_CACHE_DIR": str(tmp_path),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    args = [str(model), str(CPU_BYTES), str(1024 * 4096), str(tp), str(pp), backend]
+    returncode, stdout, stderr = _run_in_own_process_group([sys.executable, str(script), *args], env, 600)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert returncode == 0 and lines, stderr[-5000:]
     result = json.loads(lines[-1][7:])
     assert result["same"] and result["baseline_tokens"] == 3 * 2 * 16
     assert result["failed_over_same"]
     ranks = sorted(result["ranks"], key=lambda r: r["rank"])
     before = sorted(result["before"], key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [[p, t] for p in range(pp) for t in range(tp)]
+    assert all(r["ray_actor"] == (backend == "ray") and r["pid"] != result["pid"] for r in ranks), ranks
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
     for rank, was in zip(ranks, before):
         stage = layers[rank["rank"][0] * 4 // pp : (rank["rank"][0] + 1) * 4 // pp]
@@ -197,6 +243,20 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, tiny_model, tmp_path, make_
         slot_bytes = rank["nbytes"] // rank["slots"]
         assert CPU_BYTES // 2 - slot_bytes < rank["nbytes"] <= CPU_BYTES // 2
         assert abs(rank["nbytes"] - tp1["nbytes"] / 2) < slot_bytes
+
+
+def _run_in_own_process_group(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """Run argv, then kill whatever it left in its process group: Ray's daemons join the
+    driver's group and outlive a driver that failed (or timed out) before shutting Ray down."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode, stdout, stderr
 
 
 @pytest.fixture
