@@ -27,8 +27,9 @@ ON_0_26 = {"gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM"}
 LAYOUTS = ("kv+act", "act", "kv")
 # Host layout per family in the two per-family tests, rotated rather than crossed (each family
 # starts one engine per test and layout): the K/V test gives every family a recompute ("act":
-# all of it; "kv+act": 0, half, all), and the multi-turn test's "kv+act" families are the K/V
-# test's "act" ones, so that most families also see a restore split between recompute and copy.
+# all of it; "kv+act": 0, half, all), and the multi-turn test's "act" families are "kv+act" in
+# the K/V test, so that they also see a restore split between recompute and copy. Layout "kv"
+# runs with ratio "auto" on multi-head families, where only the layout keeps activations out.
 KV_TEST_LAYOUT = {"llama": "kv+act", "llama2": "act", "opt": "act", "qwen2": "kv+act", "qwen3": "act",
                   "phi3": "kv+act", "stablelm": "act", "gptj": "kv+act", "gpt2": "kv+act", "bloom": "kv+act",
                   "mixtral": "kv+act", "gpt_neox": "act", "phi": "kv+act"}
@@ -67,9 +68,10 @@ def _connector_cfg(ratio, cpu_bytes=256 << 20, **extra):
     )
 
 
-def _ratio(layout: str) -> float:
-    """Half of each restore recomputed; host layout "kv" keeps no activations (ratio 0)."""
-    return 0.0 if layout == "kv" else 0.5
+def _ratio(layout: str) -> float | str:
+    """Half of each restore recomputed. Host layout "kv" accepts only ratio 0 or "auto"; "auto",
+    which keeps activations for multi-head models, shows that the layout keeps none."""
+    return "auto" if layout == "kv" else 0.5
 
 
 def _worker():
@@ -277,11 +279,11 @@ GQA = ("qwen3", "mixtral")  # auto mode keeps no activations for them
 
 
 @pytest.mark.parametrize("arch,ratios,layout", [("llama2", EVERY_RATIO, "kv+act"), ("qwen3", EVERY_RATIO, "kv+act"),
-                                                ("mixtral", (0.0,), "kv"), ("phi3", (0.5,), "act"),
-                                                ("stablelm", (0.5,), "kv+act"), ("gptj", (0.5,), "act"),
-                                                ("gpt2", (0.0,), "kv"), ("bloom", (0.5,), "act")]
+                                                ("mixtral", (0.5,), "kv+act"), ("phi3", (0.5,), "act"),
+                                                ("stablelm", ("auto",), "kv"), ("gptj", (0.5,), "act"),
+                                                ("gpt2", ("auto",), "kv"), ("bloom", (0.5,), "act")]
                          + [_native("gpt_neox", ON_0_26["gpt_neox"], (0.5,), "kv+act"),
-                            _native("phi", ON_0_26["phi"], (0.0,), "kv")])
+                            _native("phi", ON_0_26["phi"], ("auto",), "kv")])
 def test_multi_turn_same_tokens_under_eviction(arch, ratios, layout, tiny_model, make_llm):
     """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU. Every
     family once, in one host layout (rotated: see KV_TEST_LAYOUT), with half of each restore
@@ -303,10 +305,10 @@ def test_multi_turn_same_tokens_under_eviction(arch, ratios, layout, tiny_model,
         totals, hooked, key = _worker().totals.data, _worker().with_act, _compile_key(llm)
         del llm
         assert totals["tokens_loaded"] > 0
-        assert hooked == (ratio != 0.0 and (ratio != "auto" or arch not in GQA))
+        # GQA in auto mode keeps no activations at all, nor does layout "kv": plain KV offload.
+        assert hooked == (layout != "kv" and ratio != 0.0 and (ratio != "auto" or arch not in GQA))
         keys[hooked].add(key)
-        if ratio == 0.0 or (ratio == "auto" and arch in GQA):
-            # GQA in auto mode keeps no activations at all: plain KV offload.
+        if not hooked:
             assert totals["tokens_recomputed"] == 0, f"ratio {ratio}: {totals}"
         elif ratio != "auto":  # auto on MHA depends on this machine's measured profile
             assert totals["tokens_recomputed"] > 0, f"ratio {ratio}: {totals}"
@@ -385,6 +387,7 @@ def test_preemption_storm_same_tokens(layout, tiny_model, make_llm):
     llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(_ratio(layout), host_layout=layout))
     fences = _watch_fences(llm)
     loads = _watch_loads()
+    assert _worker().with_act == (layout != "kv")
     # Stores run beside later steps on a GPU: vLLM must fence every reallocated block first.
     runtime, stored, fenced = _worker().runtime, set(), set()
     store, fence = runtime.store, runtime.fence_blocks
@@ -462,6 +465,7 @@ def test_failed_restore_costs_the_request_not_the_engine(async_load, policy, lay
     cfg.kv_load_failure_policy = policy
     llm = make_llm(model, kv_transfer_config=cfg)
     runtime = _worker().runtime
+    assert _worker().with_act == (layout != "kv")
     assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[0]
 
     def broken(loads, wait="none"):
@@ -555,6 +559,7 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(layout, tin
     llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(_ratio(layout), host_layout=layout))
     worker, scheduler = _worker(), _scheduler_connector(llm)
     engine, runtime = llm.llm_engine, worker.runtime
+    assert worker.with_act == (layout != "kv")
     core = _scheduler(llm)
     sp = SamplingParams(temperature=0, max_tokens=6)
     prompt, other = _prompt(7, 6 * 32 + 5), _prompt(8, 40)
