@@ -205,3 +205,89 @@ def test_host_layout_is_validated():
         parse_config({"host_layout": "kv-act"})
     with pytest.raises(ConfigError, match="host_layout \"kv\" keeps no activations"):
         parse_config({"host_layout": "kv", "recompute_ratio": 0.5})
+
+
+
+def _scheduler_half(layout: str, max_recompute_tokens: int):
+    """The connector's scheduler half around a real BlockIndex (room for every block of the test:
+    nothing is evicted), blocks of 4 tokens, without an engine."""
+    from vllm_partial_kv.config import PartialKVConfig
+    from vllm_partial_kv.connector import PartialRecomputeConnector
+    from vllm_partial_kv.store import BlockIndex
+
+    conn = PartialRecomputeConnector.__new__(PartialRecomputeConnector)
+    conn.cfg = PartialKVConfig(max_recompute_tokens=max_recompute_tokens, host_layout=layout)
+    conn.block_size, conn._forced_blocks, conn._matched = 4, 0, {}
+    conn.index = BlockIndex(32, act_slots=32 if layout == "act" else 0)
+    return conn
+
+
+def _offered(conn, *stored: str) -> tuple[int, list[bytes]]:
+    """Stores blocks ("a": with activations, "k": without) under fresh hashes and asks the
+    scheduler half, as vLLM does for a new request of those blocks and one more token: how many
+    blocks it offers to restore, and the hashes."""
+    from types import SimpleNamespace
+
+    hashes = [f"{len(conn.index)}-{i}".encode() for i in range(len(stored))]
+    for h, kind in zip(hashes, stored):
+        conn.index.allocate(h, has_activations=kind == "a")
+    request = SimpleNamespace(request_id=hashes[0], block_hashes=hashes, num_tokens=4 * len(stored) + 1)
+    tokens, _ = conn.get_num_new_matched_tokens(request, 0)
+    return tokens // 4, hashes
+
+
+def test_activations_only_blocks_are_restored_only_as_a_leading_run_within_staging():
+    """A restore recomputes its first r blocks and streams the rest, so blocks stored without K/V
+    (host layout "act") can only be served as its leading run: the hit ends at one that follows
+    a block with K/V, and at the one past what this step's staging (max_recompute_tokens, over
+    all restores the step offers) can recompute. Those blocks are then vLLM's to compute."""
+    from vllm_partial_kv.connector import _leading_with_act
+
+    conn = _scheduler_half("act", max_recompute_tokens=3 * 4)
+    hits, hashes = _offered(conn, "a", "a", "k", "a", "k")
+    assert hits == 3 and conn._forced_blocks == 2  # streams block 2; cannot stream block 3
+    # The restore's LoadSpec: its two activations-only blocks must be recomputed.
+    entries = conn.index.pin(hashes[:hits])
+    assert _leading_with_act(entries, without_kv=True) == 2 and _leading_with_act(entries) == 2
+    assert _offered(conn, "k", "a", "a")[0] == 1  # a K/V-only block first: nothing more to stream
+    assert _offered(conn, "a", "a", "a")[0] == 1  # staging: 3 blocks in all, 2 offered already
+    assert _offered(conn, "a")[0] == 0 and conn._forced_blocks == 3
+    conn._forced_blocks = 0  # build_connector_meta: the next step has the whole staging again
+    assert _offered(conn, "a", "a", "a", "a")[0] == 3
+    # "kv+act" keeps the K/V of every block: any split can be streamed, nothing is forced.
+    conn = _scheduler_half("kv+act", max_recompute_tokens=4)
+    assert _offered(conn, "k", "a", "a", "k", "a")[0] == 5 and conn._forced_blocks == 0
+
+
+def test_restore_in_act_layout_stops_where_it_could_neither_stream_nor_recompute(tiny_model, make_llm):  # noqa: F811
+    """End to end, host layout "act" with staging for 2 blocks: six activations-only blocks are
+    restored as far as staging recomputes (2) and vLLM computes the rest; a block stored again
+    with K/V in front of activations-only ones is restored alone (streamed). Both give the
+    tokens of the run that computed everything, and the restored blocks hold its K/V."""
+    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(
+        1.0, host_layout="act", max_recompute_tokens=2 * 32))
+    index, runtime = _scheduler_connector(llm).index, _worker().runtime
+    allocated, stored = [], []  # block hashes, GPU blocks: in the order they are stored
+    allocate, store = index.allocate, runtime.store
+    index.allocate = lambda h, with_act: (allocated.append(h), allocate(h, with_act))[1]
+    runtime.store = lambda ids, *a: (stored.extend(ids), store(ids, *a))
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    prompt = _prompt(21, 6 * 32 + 5)
+    first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    original = {n: [v[stored[:6]].clone() for v in runtime.gpu_views[n]] for n in runtime.names}
+
+    def restore(blocks: int, recomputed: int) -> None:
+        llm.reset_prefix_cache()
+        assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == first
+        (load,) = runtime.last_loads
+        assert (len(load.block_ids), load.recompute_blocks, load.must_recompute) == (blocks, recomputed, recomputed)
+        for name in runtime.names:
+            for gpu, kv in zip(runtime.gpu_views[name], original[name]):
+                torch.testing.assert_close(gpu[load.block_ids], kv[:blocks], rtol=1e-3, atol=1e-3)
+
+    restore(blocks=2, recomputed=2)
+    index.discard(allocated[:1])
+    llm.generate([prompt], sp, use_tqdm=False)  # hits the GPU cache, stores block 0 again: K/V only
+    assert index.get(allocated[-1]).has_kv and not index.get(allocated[1]).has_kv and allocated[-1] == allocated[0]
+    restore(blocks=1, recomputed=0)
+    del llm

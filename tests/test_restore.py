@@ -4,6 +4,7 @@ the same greedy tokens as vLLM without the connector."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,6 +24,15 @@ def _native(arch: str, hf_name: str, *rest):
 
 ARCHS = ["llama", "llama2", "opt", "qwen2", "qwen3", "phi3", "stablelm", "gptj", "gpt2", "bloom", "mixtral"]
 ON_0_26 = {"gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM"}
+LAYOUTS = ("kv+act", "act", "kv")
+# Host layout per family in the two per-family tests, rotated rather than crossed (each family
+# starts one engine per test and layout): the K/V test gives every family a recompute ("act":
+# all of it; "kv+act": 0, half, all), and the multi-turn test's "act" families are "kv+act" in
+# the K/V test, so that they also see a restore split between recompute and copy. Layout "kv"
+# runs with ratio "auto" on multi-head families, where only the layout keeps activations out.
+KV_TEST_LAYOUT = {"llama": "kv+act", "llama2": "act", "opt": "act", "qwen2": "kv+act", "qwen3": "act",
+                  "phi3": "kv+act", "stablelm": "act", "gptj": "kv+act", "gpt2": "kv+act", "bloom": "kv+act",
+                  "mixtral": "kv+act", "gpt_neox": "act", "phi": "kv+act"}
 
 
 @pytest.fixture
@@ -56,6 +66,12 @@ def _connector_cfg(ratio, cpu_bytes=256 << 20, **extra):
         kv_role="kv_both",
         kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": ratio, **extra},
     )
+
+
+def _ratio(layout: str) -> float | str:
+    """Half of each restore recomputed. Host layout "kv" accepts only ratio 0 or "auto"; "auto",
+    which keeps activations for multi-head models, shows that the layout keeps none."""
+    return "auto" if layout == "kv" else 0.5
 
 
 def _worker():
@@ -92,50 +108,61 @@ def _fp8_cache_available() -> bool:
     return torch.cuda.is_available() or torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
 
 
-@pytest.mark.parametrize("arch,async_load,eager,kv_dtype", [(a, True, True, "auto") for a in ARCHS] + [
-    _native(arch, hf_name, True, True, "auto") for arch, hf_name in ON_0_26.items()] + [
-    ("llama2", False, True, "auto"),
-    pytest.param("qwen3", True, False, "auto", id="qwen3-compiled", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("arch,async_load,eager,kv_dtype,layout", [
+    (a, True, True, "auto", KV_TEST_LAYOUT[a]) for a in ARCHS] + [
+    _native(arch, hf_name, True, True, "auto", KV_TEST_LAYOUT[arch]) for arch, hf_name in ON_0_26.items()] + [
+    ("llama2", False, True, "auto", "kv+act"),
+    ("llama2", False, True, "auto", "act"),
+    ("llama2", True, True, "auto", "kv"),
+    pytest.param("qwen3", True, False, "auto", "kv+act", id="qwen3-compiled", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="on a GPU every case runs compiled")),
-    pytest.param("llama2", True, True, "fp8", id="llama2-fp8", marks=pytest.mark.skipif(
+    pytest.param("llama2", True, True, "fp8", "kv+act", id="llama2-fp8", marks=pytest.mark.skipif(
         not _fp8_cache_available(), reason="vLLM's CPU attention needs AVX-512 or AMX for fp8 caches")),
 ])
-def test_restored_kv_equals_original(arch, async_load, eager, kv_dtype, tiny_model, make_llm):
-    """Recomputed blocks hold the same K/V as the blocks vLLM wrote, for r = 0, middle, n. On the CPU
-    the cases run eager, and one under vLLM's torch.compile: the capture op must survive it. An
-    fp8 cache (vLLM allocates it as bytes) is compared as the fp8 numbers its backend reads."""
+def test_restored_kv_equals_original(arch, async_load, eager, kv_dtype, layout, tiny_model, make_llm):
+    """Restored blocks hold the K/V vLLM wrote, for r = 0, middle, n in host layout "kv+act"; in
+    "act" the host has no K/V for them, so even at ratio 0 every block is recomputed; "kv" keeps
+    no activations and streams. On the CPU the cases run eager, and one under vLLM's
+    torch.compile: the capture op must survive it. An fp8 cache (vLLM allocates it as bytes) is
+    compared as the fp8 numbers its backend reads."""
     from torch._dynamo.utils import counters
 
     compiled = {} if eager else {"enforce_eager": False}
     graphs = counters["stats"]["unique_graphs"]
-    llm = make_llm(tiny_model(arch), kv_transfer_config=_connector_cfg(0.5, async_load=async_load),
-                   kv_cache_dtype=kv_dtype, **compiled)
+    cfg = _connector_cfg(_ratio(layout), async_load=async_load, host_layout=layout)
+    llm = make_llm(tiny_model(arch), kv_transfer_config=cfg, kv_cache_dtype=kv_dtype, **compiled)
     assert eager or counters["stats"]["unique_graphs"] > graphs, "Dynamo traced no graph: the model was not compiled"
     worker = _worker()
     runtime = worker.runtime
+    assert worker.with_act == (layout != "kv")
     scheduler = _scheduler_connector(llm)
     finished = []  # asynchronous loads the worker reported done, as the scheduler saw them
     update = scheduler.update_connector_output
     scheduler.update_connector_output = lambda out: (finished.extend(out.finished_recving or ()), update(out))
     # A store may still be reading the blocks a restore writes: the step's fence must cover them.
-    fenced, unfenced = [], []
-    handle, load_fn = worker.handle_preemptions, runtime.load
+    fenced, unfenced, stored = [], [], []
+    handle, load_fn, store = worker.handle_preemptions, runtime.load, runtime.store
     worker.handle_preemptions = lambda meta: (fenced.append(set(meta.new_block_ids)), handle(meta))
     runtime.load = lambda loads, *a: (
         unfenced.extend(b for spec in loads for b in spec.block_ids if b not in fenced[-1]),
         load_fn(loads, *a),
     )[1]
+    runtime.store = lambda ids, *a: (stored.extend(ids), store(ids, *a))
     prompt = _prompt(1, 9 * 32 + 5)
     sp = SamplingParams(temperature=0, max_tokens=4)
     first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
-    for ratio in (0.0, 0.5, 1.0):
+    # The K/V vLLM wrote (layout "act" has no host copy of it to compare with).
+    original = {n: [v[stored[:9]].clone() for v in runtime.gpu_views[n]] for n in runtime.names}
+    # "act": ratio 0 alone shows the forced recompute (any ratio recomputes every block).
+    for ratio in (0.0, 0.5, 1.0) if layout == "kv+act" else (0.0,):
         worker.cfg = worker.cfg.__class__(**{**worker.cfg.__dict__, "recompute_ratio": ratio})
         llm.reset_prefix_cache()  # drop the GPU copies; the CPU store keeps them
         again = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
         assert list(again) == list(first)
         (load,) = runtime.last_loads
         assert len(load.block_ids) == 9
-        assert abs(load.recompute_blocks - ratio * 9) <= 0.5
+        assert load.must_recompute == (9 if layout == "act" else 0)
+        assert abs(load.recompute_blocks - (1.0 if layout == "act" else ratio) * 9) <= 0.5
         assert fenced and not unfenced
         if async_load:  # the request waited for its load outside any forward
             assert runtime.last_waited == [] and len(finished) == 1
@@ -144,35 +171,39 @@ def test_restored_kv_equals_original(arch, async_load, eager, kv_dtype, tiny_mod
         else:  # vLLM's forward waited for each restored layer just before its attention, in order
             assert runtime.last_waited == runtime.names and runtime.layerwise
             assert finished == []
-        worst, tol = _restored_kv_error(runtime, load, kv_dtype)
+        worst, tol = _restored_kv_error(runtime, load, kv_dtype, original)
         assert worst < tol, f"ratio {ratio}: relative K/V error {worst}"
     # Corrupting one activation row must show up in the recomputed K/V: the check can fail.
-    assert _corrupted_row_shows(llm, runtime, prompt, sp, kv_dtype) > 1e-2
+    if layout != "kv":
+        assert _corrupted_row_shows(llm, runtime, prompt, sp, kv_dtype, original) > 1e-2
 
 
-def _restored_kv_error(runtime, load, kv_dtype: str) -> tuple[float, float]:
-    """Worst relative error of a restore's blocks against their host originals over all layers,
-    and the tolerance of the cache's dtype (also used by benchmarks/acceptance_checks.py)."""
+def _restored_kv_error(runtime, load, kv_dtype: str, original: dict | None = None) -> tuple[float, float]:
+    """Worst relative error of a restore's blocks over all layers against `original` (per layer,
+    per K/V view: the blocks in load order) or else their host copies, and the tolerance of the
+    cache's dtype (also used by benchmarks/acceptance_checks.py)."""
     worst = 0.0
     for name in runtime.names:
-        for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
+        for i, (gpu, host) in enumerate(zip(runtime.gpu_views[name], runtime.pool.kv[name])):
             restored = _numbers(gpu[load.block_ids], kv_dtype).cpu()
-            original = _numbers(host[load.slots], kv_dtype)
-            worst = max(worst, ((restored - original).norm() / original.norm()).item())
+            expected = _numbers(host[load.slots] if original is None else original[name][i], kv_dtype).cpu()
+            worst = max(worst, ((restored - expected).norm() / expected.norm()).item())
     dtype = runtime.pool.kv[runtime.names[0]][0].dtype
     return worst, 1e-3 if dtype == torch.float32 else 1e-2 if dtype != torch.uint8 else 0.1
 
 
-def _corrupted_row_shows(llm, runtime, prompt: dict, sp, kv_dtype: str) -> float:
+def _corrupted_row_shows(llm, runtime, prompt: dict, sp, kv_dtype: str, original: dict | None = None) -> float:
     """Adds 1 to the host activation row of the first restored token and restores again (with the
-    ratio set to recompute it): how far its recomputed K/V moved from the original."""
+    ratio set to recompute it): how far its recomputed K/V moved from the original (`original`
+    as for `_restored_kv_error`, else the host copy)."""
     name = runtime.names[0]
     runtime.pool.act[name][runtime.last_loads[0].slots[0]] += 1.0
     llm.reset_prefix_cache()
     llm.generate([prompt], sp, use_tqdm=False)
     (load,) = runtime.last_loads
-    gpu, host = runtime.gpu_views[name][0], runtime.pool.kv[name][0]
-    diff = _numbers(gpu[load.block_ids[0]], kv_dtype).cpu() - _numbers(host[load.slots[0]], kv_dtype)
+    gpu = runtime.gpu_views[name][0]
+    expected = runtime.pool.kv[name][0][load.slots[0]] if original is None else original[name][0][0]
+    diff = _numbers(gpu[load.block_ids[0]], kv_dtype).cpu() - _numbers(expected, kv_dtype).cpu()
     return diff.abs().max().item()
 
 
@@ -211,6 +242,25 @@ def _watch_fences(llm) -> dict:
     return seen
 
 
+_BASELINES: dict[tuple, list] = {}
+
+
+def _baseline(make_llm, model, run: Callable, *args, **engine) -> list:
+    """`run(llm, *args)` on vLLM without the connector, once per model, run, arguments and engine
+    settings: the cases of a test parametrized by host layout (and tests with the same
+    workload) share one baseline engine."""
+    key = (str(model), run.__name__, repr(args), repr(sorted(engine.items())))
+    if key not in _BASELINES:
+        base = make_llm(model, **engine)
+        _BASELINES[key] = run(base, *args)
+        del base
+    return _BASELINES[key]
+
+
+def _greedy(llm, prompts: list[dict], sp) -> list:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
 def _conversations(llm, n_conv: int, turns: int, sp) -> list[list[int]]:
     """Interleaved multi-turn conversations: each turn re-sends the whole history."""
     histories = [_prompt(100 + c, 700)["prompt_token_ids"] for c in range(n_conv)]
@@ -228,35 +278,50 @@ EVERY_RATIO = (0.0, 0.5, 1.0, "auto")
 GQA = ("qwen3", "mixtral")  # auto mode keeps no activations for them
 
 
-@pytest.mark.parametrize("arch,ratios", [("llama2", EVERY_RATIO), ("qwen3", EVERY_RATIO), ("mixtral", (0.5, "auto"))]
-                         + [(arch, (0.5,)) for arch in ("phi3", "stablelm", "gptj", "gpt2", "bloom")]
-                         + [_native(arch, hf_name, (0.5,)) for arch, hf_name in ON_0_26.items()])
-def test_multi_turn_same_tokens_under_eviction(arch, ratios, tiny_model, make_llm):
+@pytest.mark.parametrize("arch,ratios,layout", [("llama2", EVERY_RATIO, "kv+act"), ("qwen3", EVERY_RATIO, "kv+act"),
+                                                ("mixtral", (0.5,), "kv+act"), ("phi3", (0.5,), "act"),
+                                                ("stablelm", ("auto",), "kv"), ("gptj", (0.5,), "act"),
+                                                ("gpt2", ("auto",), "kv"), ("bloom", (0.5,), "act")]
+                         + [_native("gpt_neox", ON_0_26["gpt_neox"], (0.5,), "kv+act"),
+                            _native("phi", ON_0_26["phi"], ("auto",), "kv")])
+def test_multi_turn_same_tokens_under_eviction(arch, ratios, layout, tiny_model, make_llm):
     """A GPU cache of ~2 conversations forces eviction; later turns restore from the CPU. Every
-    family once with half of each restore recomputed; two of them at every ratio. Runs with the
-    capture hooks get a torch.compile cache key of their own (vLLM's key leaves out the
-    connector's config: a hooked run must never load a graph compiled without the capture op)."""
+    family once, in one host layout (rotated: see KV_TEST_LAYOUT), with half of each restore
+    recomputed where it keeps activations; two of them at every ratio. In "act" the restores
+    recompute what they must. Runs with the capture hooks get a torch.compile cache key of
+    their own (vLLM's key leaves out the connector's config: a hooked run must never load a
+    graph compiled without the capture op)."""
     sp = SamplingParams(temperature=0, max_tokens=24)
     model = tiny_model(arch)
     small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024)
-    baseline = _conversations(make_llm(model, **small), 4, 3, sp)
+    baseline = _baseline(make_llm, model, _conversations, 4, 3, sp, **small)
     keys: dict[bool, set[str]] = {False: set(), True: set()}  # by "capture hooks installed"
     for ratio in ratios:
-        llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(ratio))
+        llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(ratio, host_layout=layout))
         fences = _watch_fences(llm)
+        loads = _watch_loads()
         assert _conversations(llm, 4, 3, sp) == baseline, f"ratio {ratio}"
         assert not fences["unfenced"] and fences["skipped"] > 0, fences
         totals, hooked, key = _worker().totals.data, _worker().with_act, _compile_key(llm)
         del llm
         assert totals["tokens_loaded"] > 0
-        assert hooked == (ratio != 0.0 and (ratio != "auto" or arch not in GQA))
+        # GQA in auto mode keeps no activations at all, nor does layout "kv": plain KV offload.
+        assert hooked == (layout != "kv" and ratio != 0.0 and (ratio != "auto" or arch not in GQA))
         keys[hooked].add(key)
-        if ratio == 0.0 or (ratio == "auto" and arch in GQA):
-            # GQA in auto mode keeps no activations at all: plain KV offload.
+        if not hooked:
             assert totals["tokens_recomputed"] == 0, f"ratio {ratio}: {totals}"
         elif ratio != "auto":  # auto on MHA depends on this machine's measured profile
             assert totals["tokens_recomputed"] > 0, f"ratio {ratio}: {totals}"
+        assert any(spec.must_recompute for spec in loads) == (layout == "act"), loads
     assert all(len(k) <= 1 for k in keys.values()) and not keys[False] & keys[True], keys
+
+
+def _watch_loads() -> list:
+    """Every LoadSpec the worker restores from now on (the engine's latest connector)."""
+    runtime, loads = _worker().runtime, []
+    load = runtime.load
+    runtime.load = lambda specs, *a: (loads.extend(specs), load(specs, *a))[1]
+    return loads
 
 
 def _compile_key(llm) -> str:
@@ -308,19 +373,21 @@ def test_structure_that_disagrees_with_the_config_check_stops_startup(tiny_model
         make_llm(tiny_model("llama2"), model_impl="transformers", kv_transfer_config=_connector_cfg(0.5))
 
 
-def test_preemption_storm_same_tokens(tiny_model, make_llm):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_preemption_storm_same_tokens(layout, tiny_model, make_llm):
     """More concurrent sequences than the GPU cache holds: preempted requests resume from the
-    CPU store instead of recomputing, with the same tokens."""
+    CPU store instead of recomputing, with the same tokens, in every host layout ("act": the
+    resumed blocks are recomputed, as they must be)."""
     model = tiny_model("llama2")
     # Requests are admitted by prompt size and then grow 3x: running ones get preempted.
     sp = SamplingParams(temperature=0, max_tokens=288)
     prompts = [_prompt(200 + i, 300) for i in range(8)]
     small = dict(kv_cache_memory_bytes=_kv_bytes(model, 1536), max_model_len=1024)
-    base = make_llm(model, **small)
-    expected = [o.outputs[0].token_ids for o in base.generate(prompts, sp, use_tqdm=False)]
-    del base
-    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(0.5))
+    expected = _baseline(make_llm, model, _greedy, prompts, sp, **small)
+    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(_ratio(layout), host_layout=layout))
     fences = _watch_fences(llm)
+    loads = _watch_loads()
+    assert _worker().with_act == (layout != "kv")
     # Stores run beside later steps on a GPU: vLLM must fence every reallocated block first.
     runtime, stored, fenced = _worker().runtime, set(), set()
     store, fence = runtime.store, runtime.fence_blocks
@@ -330,28 +397,34 @@ def test_preemption_storm_same_tokens(tiny_model, make_llm):
     totals = _worker().totals.data
     del llm, runtime
     assert got == expected
-    assert totals["tokens_loaded"] > 0 and totals["tokens_recomputed"] > 0, totals
+    assert totals["tokens_loaded"] > 0 and (totals["tokens_recomputed"] > 0) == (layout != "kv"), totals
+    assert any(spec.must_recompute for spec in loads) == (layout == "act"), loads
     assert fenced, "no stored block was seen again before reuse: is handle_preemptions called?"
     assert not fences["unfenced"], fences
 
 
-def test_full_store_keeps_serving(tiny_model, make_llm):
-    """A CPU store far smaller than the traffic evicts and keeps giving the right tokens."""
+@pytest.mark.parametrize("layout", ["kv+act", "act"])
+def test_full_store_keeps_serving(layout, tiny_model, make_llm):
+    """A CPU store far smaller than the traffic evicts and keeps giving the right tokens; in host
+    layout "act" each kind of slot (K/V, activations only) evicts its own."""
     model = tiny_model("llama2")
     sp = SamplingParams(temperature=0, max_tokens=24)
     small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024)
-    baseline = _conversations(make_llm(model, **small), 4, 3, sp)
-    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(1.0, cpu_bytes=6 << 20))
+    baseline = _baseline(make_llm, model, _conversations, 4, 3, sp, **small)
+    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(1.0, cpu_bytes=6 << 20, host_layout=layout))
     runtime, batches = _worker().runtime, []
     store = runtime.store
-    runtime.store = lambda ids, slots, *a: (batches.append(list(slots)), store(ids, slots, *a))
+    # A slot is its number and its kind: "act" numbers activations-only slots apart.
+    runtime.store = lambda ids, slots, capture, kv: (batches.append(list(zip(slots, kv))),
+                                                     store(ids, slots, capture, kv))
     assert _conversations(llm, 4, 3, sp) == baseline
     scheduler_index = _scheduler_connector(llm).index
     assert scheduler_index.evictions > 0
     # A step storing more blocks than the store has free slots must not evict its own earlier
     # blocks: two copies into one slot in one batch run in no defined order on a GPU.
-    assert max(map(len, batches)) > scheduler_index.num_slots // 2
+    assert max(map(len, batches)) > max(scheduler_index.num_slots, scheduler_index.act_slots) // 2
     assert all(len(set(b)) == len(b) for b in batches), [b for b in batches if len(set(b)) < len(b)]
+    assert any(not kv for b in batches for _, kv in b) == (layout == "act")
 
 
 def test_bad_config_is_rejected_at_startup(tiny_model, make_llm):
@@ -371,24 +444,28 @@ def test_no_room_for_the_store_is_a_clear_startup_error(tiny_model, make_llm, mo
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
 
 
-@pytest.mark.parametrize("async_load,policy", [(True, "recompute"), (False, "recompute"), (False, "fail")])
-def test_failed_restore_costs_the_request_not_the_engine(async_load, policy, tiny_model, make_llm):
+@pytest.mark.parametrize("async_load,policy,layout", [(True, "recompute", "kv+act"), (False, "recompute", "kv+act"),
+                                                     (False, "fail", "kv+act"), (True, "recompute", "act"),
+                                                     (False, "fail", "act"), (False, "recompute", "kv")])
+def test_failed_restore_costs_the_request_not_the_engine(async_load, policy, layout, tiny_model, make_llm):
     """A restore that raises is reported to vLLM as a KV load error: with the "recompute" policy
     vLLM recomputes the blocks and the answer does not change; with "fail" only that request
     fails; the engine keeps serving. The failed entries are dropped (an asynchronous load is not
     retried forever), and so is what the failing step stored after them (computed from
     unrestored K/V), also when vLLM has already failed the request (it does so before it tells
-    the connector which blocks failed)."""
+    the connector which blocks failed). In every host layout ("act": the dropped blocks are
+    stored again without K/V and the last restore must recompute them)."""
     # Off the GPU (fp32) a non-peaked model, whose tokens depend on every block's K/V; in bf16 its
     # near-ties would flip between runs, so the GPU run checks with the peaked one.
     model = tiny_model("llama2", peaked=torch.cuda.is_available())
     prompt, sp = _prompt(3, 6 * 32 + 7), SamplingParams(temperature=0, max_tokens=8)
     longer = {"prompt_token_ids": prompt["prompt_token_ids"] + _prompt(4, 40)["prompt_token_ids"]}
-    expected = [o.outputs[0].token_ids for o in make_llm(model).generate([prompt, longer], sp, use_tqdm=False)]
-    cfg = _connector_cfg(0.5, async_load=async_load)
+    expected = _baseline(make_llm, model, _greedy, [prompt, longer], sp)
+    cfg = _connector_cfg(_ratio(layout), async_load=async_load, host_layout=layout)
     cfg.kv_load_failure_policy = policy
     llm = make_llm(model, kv_transfer_config=cfg)
     runtime = _worker().runtime
+    assert _worker().with_act == (layout != "kv")
     assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[0]
 
     def broken(loads, wait="none"):
@@ -412,13 +489,18 @@ def test_failed_restore_costs_the_request_not_the_engine(async_load, policy, tin
     llm.reset_prefix_cache()
     assert llm.generate([longer], sp, use_tqdm=False)[0].outputs[0].token_ids == expected[1]
     (load,) = runtime.last_loads
-    assert len(load.block_ids) == 7 and load.recompute_blocks > 0
+    assert len(load.block_ids) == 7 and (load.recompute_blocks > 0) == (layout != "kv")
+    assert (load.must_recompute > 0) == (layout == "act")
 
 
-def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make_llm):
+@pytest.mark.parametrize("layout", ["kv+act", "act"])
+def test_restored_blocks_stored_again_keep_no_stale_activations(layout, tiny_model, make_llm):
     """A restore writes K/V, not the blocks' activation rows. If another request later stores
-    those GPU blocks again (their host copies evicted meanwhile), it must not keep those rows."""
-    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(1.0))
+    those GPU blocks again (their host copies evicted meanwhile), it must not keep those rows.
+    In host layout "act" they are stored with K/V then, and the new last block without: a
+    restore cannot stream it after them (it would have to recompute it), so it restores the
+    first six and vLLM computes the seventh."""
+    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(1.0, host_layout=layout))
     runtime = _worker().runtime
     index = _scheduler_connector(llm).index
     sp = SamplingParams(temperature=0, max_tokens=4)
@@ -434,7 +516,7 @@ def test_restored_blocks_stored_again_keep_no_stale_activations(tiny_model, make
     llm.reset_prefix_cache()
     llm.generate([longer], sp, use_tqdm=False)  # restores them from the host
     (load,) = runtime.last_loads
-    assert len(load.block_ids) == 7 and load.recompute_blocks == 0  # K/V only: streamed
+    assert len(load.block_ids) == (7 if layout == "kv+act" else 6) and load.recompute_blocks == 0  # K/V: streamed
     for name in runtime.names:
         for gpu, host in zip(runtime.gpu_views[name], runtime.pool.kv[name]):
             torch.testing.assert_close(gpu[load.block_ids], host[load.slots], rtol=1e-3, atol=1e-3)
@@ -467,15 +549,17 @@ def _run_until_idle(engine, prefix: str, before_step=lambda: None) -> list[int] 
     raise AssertionError("the engine was still busy after 200 steps")
 
 
-def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model, make_llm):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_async_restore_lets_other_requests_run_and_survives_an_abort(layout, tiny_model, make_llm):
     """While a restore is in flight, its request waits and the others keep decoding; its host
     entries stay pinned until the worker reports the load done, even when the request is
-    aborted meanwhile; the restored request then gives the same tokens."""
+    aborted meanwhile; the restored request then gives the same tokens, in every host layout."""
     from vllm.v1.request import RequestStatus
 
-    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
+    llm = make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(_ratio(layout), host_layout=layout))
     worker, scheduler = _worker(), _scheduler_connector(llm)
     engine, runtime = llm.llm_engine, worker.runtime
+    assert worker.with_act == (layout != "kv")
     core = _scheduler(llm)
     sp = SamplingParams(temperature=0, max_tokens=6)
     prompt, other = _prompt(7, 6 * 32 + 5), _prompt(8, 40)
@@ -511,6 +595,7 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(tiny_model,
 
     assert _run_until_idle(engine, "restoring", observe) == expected
     assert len(progress) >= 3, f"the other request did not decode during the restore: {progress}"
+    assert runtime.last_loads[0].must_recompute == (6 if layout == "act" else 0)
     assert not scheduler._in_flight and not worker._loading
 
     # 2. Aborted while its load is in flight: pins and blocks are kept until the load is done.
