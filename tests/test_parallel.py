@@ -332,8 +332,9 @@ def test_auto_mode_keeps_activation_shards_of_multi_head_models(tiny_model, tmp_
     assert kv_budget_with_activations(config, available) >= 0.97 * available
 
 
-def test_every_stage_counts_its_own_layers_and_plans_with_one_shape(tiny_model, tmp_path):
-    """32 layers over 3 pipeline stages (vLLM splits them 11, 11, 10): each stage's shape counts
+def test_every_stage_counts_its_own_layers_and_plans_with_one_shape(tiny_model, tmp_path, monkeypatch):
+    """32 layers over 3 pipeline stages (vLLM splits them 11, 11, 10, or as the user's partition
+    says): each stage's shape counts
     its own layers (what its slots hold and its restores move), while every stage plans a
     restore with one shape (the largest stage's), so all stages split it the same way."""
     from test_memory import _gpu_sized_config
@@ -341,9 +342,17 @@ def test_every_stage_counts_its_own_layers_and_plans_with_one_shape(tiny_model, 
     from vllm_partial_kv.deployment import model_shape, planning_shape
 
     config = _gpu_sized_config(tiny_model, tmp_path, pipeline_parallel_size=3)
-    layers, plans = [], set()
-    for rank in range(3):
-        config.parallel_config.rank = rank
-        layers.append(model_shape(config).num_layers)
-        plans.add(planning_shape(config))
+
+    def per_stage() -> tuple[list[int], set]:
+        layers, plans = [], set()
+        for rank in range(3):
+            config.parallel_config.rank = rank
+            layers.append(model_shape(config).num_layers)
+            plans.add(planning_shape(config))
+        return layers, plans
+
+    layers, plans = per_stage()
     assert layers == [11, 11, 10] and len(plans) == 1 and plans.pop().num_layers == 11
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "8,20,4")  # the user's own partition
+    layers, plans = per_stage()
+    assert layers == [8, 20, 4] and len(plans) == 1 and plans.pop().num_layers == 20

@@ -56,8 +56,8 @@ def test_measure_profile_on_cpu():
 
 
 def test_measure_gather_fits_the_collective_it_is_given():
-    """The shard join is timed like the copy (one block, then the largest call) through the
-    function given: here a stand-in for two ranks that doubles the columns."""
+    """The shard join is timed like the copy (one block, then the largest call a restore makes)
+    through the function given: here a stand-in for two ranks that doubles the columns."""
     shape = dataclasses.replace(TINY, act_shards=2)
     widths = []
 
@@ -65,9 +65,18 @@ def test_measure_gather_fits_the_collective_it_is_given():
         widths.append(shard.shape[1])
         return torch.cat([shard, shard], dim=1)
 
-    bw, latency = profiler.measure_gather(shape, gather, device="cpu", dtype=torch.float32)
+    bw, latency = profiler.measure_gather(shape, gather, device="cpu", dtype=torch.float32, max_tokens=256)
     assert set(widths) == {TINY.hidden_size // 2} and len(widths) == 2 * (1 + 5)  # warm-up + repeats
     assert 0 < bw < math.inf and latency >= 0
+    # Never more rows than a restore joins (what the join's buffers hold), one block at least.
+    rows = []
+    gather_rows = lambda shard: rows.append(shard.shape[0]) or gather(shard)  # noqa: E731
+    profiler.measure_gather(shape, gather_rows, device="cpu", dtype=torch.float32, max_tokens=48)
+    assert max(rows) == 48
+    rows.clear()
+    assert profiler.measure_gather(shape, gather_rows, device="cpu", dtype=torch.float32,
+                                   max_tokens=TINY.block_size)[1] == 0.0
+    assert set(rows) == {TINY.block_size}
 
 
 def test_measure_profile_under_load():

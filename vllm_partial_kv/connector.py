@@ -404,7 +404,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         if self.with_act:
             act_buffers = {n: torch.zeros(rows, width, dtype=dtype, device=device) for n in kv_caches}
             capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
-            first = self._ranks.columns(self.shape.hidden_size)[0] if self._ranks else 0
+            first = 0
+            if self._ranks is not None:
+                first = self._ranks.columns(self.shape.hidden_size)[0]
+                self._ranks.reserve(self.cfg.max_recompute_tokens, width, dtype, device)
             capture.bind_buffers(act_buffers, capture_map, self.block_size, first)
         act_shape = (self.block_size, width) if self.with_act else None
         pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
@@ -446,7 +449,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             for busy in (False, True)
         }
         if self._ranks is not None:
-            bw, latency = profiler.measure_gather(self.shape, self._ranks.gather, device=device, dtype=dtype)
+            bw, latency = profiler.measure_gather(
+                self.shape, self._ranks.gather, device=device, dtype=dtype,
+                max_tokens=self.runtime.max_recompute_tokens,
+            )
             logger.info("partial_kv: joining activation shards over %d ranks: %.2f GB/s, %.0f us per call",
                         self._ranks.size, bw / 1e9, latency * 1e6)
             profiles = {k: replace(p, gather_bytes_per_s=bw, gather_latency_s=latency) for k, p in profiles.items()}
@@ -469,29 +475,38 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         wait: Wait = "none"
         if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
-        refused: Exception | None = None
+        failure: Exception | None = None
         try:
             self._faults.check()
         except Exception as e:
-            refused = e
+            failure = e
         kernel_profiled = self.runtime.kernel == self._profiled_kernel
         if self._ranks is not None:
             # The restore's all-gathers need every rank: all go ahead, with one split, or none.
-            go, kernel_profiled = self._ranks.agree(refused is None, kernel_profiled)
-            if refused is None and not go:
-                refused = RuntimeError("another tensor-parallel rank cannot restore this step")
-        try:
-            if refused is not None:
-                raise refused
-            self._choose_split(meta, wait, kernel_profiled)
-            done = self.runtime.load(meta.loads, wait)
-        except Exception:
+            go, kernel_profiled = self._ranks.agree(failure is None, kernel_profiled)
+            if failure is None and not go:
+                failure = RuntimeError("another tensor-parallel rank cannot restore this step")
+        done = None
+        if failure is None:
+            try:
+                self._choose_split(meta, wait, kernel_profiled)
+                done = self.runtime.load(meta.loads, wait)
+            except Exception as e:
+                failure = e
+            if self._ranks is not None:
+                # A rank whose restore failed midway still joined every all-gather (restore.py);
+                # now every rank learns of it, and none keeps K/V another did not restore.
+                (all_ok,) = self._ranks.agree(failure is None)
+                if failure is None and not all_ok:
+                    self.runtime.drain()
+                    failure = RuntimeError("another tensor-parallel rank's restore of this step failed")
+        if failure is not None:
             # A restore that fails must cost its requests, not the engine: vLLM recomputes the
             # blocks or fails the requests (kv_load_failure_policy "recompute" or "fail").
             blocks = {b for spec in meta.loads for b in spec.block_ids}
-            logger.exception(
+            logger.error(
                 "partial_kv: restore of %d blocks for %d requests failed; reported to vLLM as "
-                "load errors", len(blocks), len(meta.loads),
+                "load errors", len(blocks), len(meta.loads), exc_info=failure,
             )
             self._failed_blocks |= blocks
             self.runtime.stats.failed_restores += 1

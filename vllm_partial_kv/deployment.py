@@ -8,6 +8,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from vllm.distributed.utils import get_pp_indices
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
 from vllm_partial_kv import planner
@@ -57,10 +58,12 @@ def activation_shards(vllm_config) -> int:
 
 def planning_shape(vllm_config) -> planner.ModelShape:
     """The shape every rank plans a restore's split with: the same on every pipeline stage (the
-    largest stage's layer count), so that all ranks restore the same blocks the same way."""
-    parallel = vllm_config.parallel_config
+    largest stage's layer count, by vLLM's own partition), so that all ranks restore the same
+    blocks the same way."""
+    pp = vllm_config.parallel_config.pipeline_parallel_size
     layers = vllm_config.model_config.get_total_num_hidden_layers()
-    return replace(model_shape(vllm_config), num_layers=-(-layers // parallel.pipeline_parallel_size))
+    stages = (get_pp_indices(layers, rank, pp) for rank in range(pp))
+    return replace(model_shape(vllm_config), num_layers=max(end - start for start, end in stages))
 
 
 def forward_ratio(hf_config, hidden: int, q_dim: int, kv_dim: int, tp: int = 1) -> float:

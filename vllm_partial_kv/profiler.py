@@ -156,20 +156,23 @@ def _measure(
 
 def measure_gather(
     shape: ModelShape, gather_fn: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device | str,
-    dtype: torch.dtype,
+    dtype: torch.dtype, max_tokens: int,
 ) -> tuple[float, float]:
     """(bytes/s, seconds per call) of the all-gather that joins the tensor-parallel ranks'
     activation shards, timed on the real group like the copy: one block's rows, and the most
-    rows a restore gathers. A collective: every rank of the group must call it at once, with the
-    same shape; it is never cached (the group's links are not part of the device's key)."""
+    rows a restore gathers (`max_tokens`, within what the join reserved; on a CPU at most a few
+    MiB). A collective: every rank of the group must call it at once, with the same shape; it is
+    never cached (the group's links are not part of the device's key)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     width = shape.hidden_size // shape.act_shards
     row = width * shape.dtype_bytes
-    tokens = max(2 * shape.block_size, (_GPU_COPY_BYTES if cuda else _CPU_COPY_BYTES) // 4 // row)
-    x = torch.zeros(tokens, width, dtype=dtype, device=device)
+    tokens = max_tokens if cuda else min(max_tokens, max(2 * shape.block_size, _CPU_COPY_BYTES // 4 // row))
+    x = torch.zeros(max(tokens, shape.block_size), width, dtype=dtype, device=device)
     repeats = 10 if cuda else 5
     t_one = _median_seconds(lambda: gather_fn(x[: shape.block_size]), device, repeats)
+    if tokens <= shape.block_size:  # restores join one block at most: no latency to separate
+        return shape.block_size * shape.gather_bytes_per_token / t_one, 0.0
     t_all = _median_seconds(lambda: gather_fn(x), device, repeats)
     small, big = shape.block_size * shape.gather_bytes_per_token, tokens * shape.gather_bytes_per_token
     bandwidth = (big - small) / (t_all - t_one) if t_all > t_one else big / t_all

@@ -1,5 +1,5 @@
 """What a worker does together with the other ranks: join the tensor-parallel ranks' activation
-shards, agree whether a restore goes ahead, and plan from one profile.
+shards, agree whether a restore goes ahead and whether it succeeded, and plan from one profile.
 
 The shards are joined over the torch process group vLLM made for its tensor-parallel group
 (`device_group`: NCCL on GPUs, gloo on the CPU build), not through its device communicator: on
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vllm.distributed.parallel_state import get_tp_group, get_world_group
+from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
 
 class TensorParallelRanks:
@@ -24,6 +24,15 @@ class TensorParallelRanks:
         group = get_tp_group()
         self.size, self.rank = group.world_size, group.rank_in_group
         self._device_group, self._cpu_group = group.device_group, group.cpu_group
+        self._gathered = self._rows = torch.empty(0)
+
+    def reserve(self, max_tokens: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """The join's buffers (the all-gather's output and the rows in token order), allocated once
+        at start-up: an allocation failing on one rank in the middle of a restore would leave the
+        others waiting in the next layer's all-gather. One layer's worth: the compute stream joins
+        and recomputes one layer after the other."""
+        self._gathered = torch.empty(self.size * max_tokens, width, dtype=dtype, device=device)
+        self._rows = torch.empty(max_tokens, self.size * width, dtype=dtype, device=device)
 
     def columns(self, hidden_size: int) -> tuple[int, int]:
         """This rank's columns of an activation row (the ranks' shards in rank order make it)."""
@@ -31,11 +40,16 @@ class TensorParallelRanks:
         return self.rank * width, (self.rank + 1) * width
 
     def gather(self, shard: torch.Tensor) -> torch.Tensor:
-        """[tokens, hidden / TP] shards of every rank -> [tokens, hidden] rows."""
+        """[tokens, hidden / TP] shards of every rank -> [tokens, hidden] rows (a view of the
+        reserved buffer, valid until the next gather)."""
         tokens, width = shard.shape
-        out = torch.empty(self.size * tokens, width, dtype=shard.dtype, device=shard.device)
+        if tokens > self._rows.shape[0]:
+            raise ValueError(f"joining {tokens} rows, {self._rows.shape[0]} reserved")
+        out = self._gathered[: self.size * tokens]
         dist.all_gather_into_tensor(out, shard.contiguous(), group=self._device_group)
-        return out.view(self.size, tokens, width).transpose(0, 1).reshape(tokens, self.size * width)
+        rows = self._rows[:tokens]
+        rows.view(tokens, self.size, width).copy_(out.view(self.size, tokens, width).transpose(0, 1))
+        return rows
 
     def agree(self, *flags: bool) -> list[bool]:
         """Each flag true on every rank (a host-side all-reduce): a restore whose all-gathers some
@@ -46,6 +60,7 @@ class TensorParallelRanks:
 
 
 def from_first_rank(obj):
-    """Rank 0's object on every rank of the deployment (all stages): ranks that plan from the
-    same profile pick the same split."""
-    return get_world_group().broadcast_object(obj, src=0)
+    """The first rank's object on every tensor-parallel rank of every pipeline stage of this
+    engine (not across data-parallel engines): ranks that plan from the same profile pick the
+    same split. Stage by stage from its TP rank 0, then from the first stage along each PP group."""
+    return get_pp_group().broadcast_object(get_tp_group().broadcast_object(obj, src=0), src=0)

@@ -291,11 +291,29 @@ class RestoreRuntime:
         try:
             return self._load(loads, wait)
         except BaseException:
-            if self.cuda:
-                main = torch.cuda.current_stream(self.device)
-                main.wait_stream(self.copy_stream)
-                main.wait_stream(self.compute_stream)
+            self.drain()
             raise
+
+    def drain(self) -> None:
+        """Order what follows on the current stream after the restore's copies and recomputes:
+        for a restore that failed here or on another rank, whose blocks vLLM rewrites."""
+        if self.cuda:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.copy_stream)
+            main.wait_stream(self.compute_stream)
+
+    def _local(self, failed: list[Exception], fn: Callable[..., None], *args) -> None:
+        """One of this rank's own steps of a restore. With activation shards the other ranks wait
+        in every layer's all-gather, so after a failure the restore skips its own steps but still
+        joins each gather, and raises the first failure once all of them are issued."""
+        if failed:
+            return
+        try:
+            fn(*args)
+        except Exception as e:
+            if self.gather is None:
+                raise
+            failed.append(e)
 
     def _load(self, loads: list[LoadSpec], wait: Wait) -> torch.cuda.Event | None:
         self.last_loads = loads
@@ -315,12 +333,13 @@ class RestoreRuntime:
             raise ValueError(f"{n_rc} recompute tokens exceed the staging capacity {self.max_recompute_tokens}")
         if n_rc and not self.layers:
             raise RuntimeError("recompute requested but no activations are captured")
+        failed: list[Exception] = []
         if n_rc:
             blocks = _index(rc_blocks)
             slot_map = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
             # On the compute stream: after the previous restore's recomputes read the buffers.
             with torch.cuda.stream(self.compute_stream) if self.cuda else contextlib.nullcontext():
-                self._write_index(slot_map, torch.cat(positions))
+                self._local(failed, self._write_index, slot_map, torch.cat(positions))
         if wait == "layers" and not self.layerwise:
             wait = "whole"
         kv_idx = (_index(kv_slots), _index(kv_blocks))
@@ -328,14 +347,16 @@ class RestoreRuntime:
         done = None
         if self.cuda:
             stored = self._last_store_touching("slots", rc_slots + kv_slots)
-            done = self._load_pipelined(rc_idx, kv_idx, n_rc, wait, stored)
+            done = self._load_pipelined(rc_idx, kv_idx, n_rc, wait, stored, failed)
         else:
             t0 = time.perf_counter()
             for name in self.names:
-                self._copy_kv(name, *kv_idx)
+                self._local(failed, self._copy_kv, name, *kv_idx)
                 if n_rc:
-                    self.copy(self.staging[0], rc_idx[1], self.pool.act[name], rc_idx[0])
-                    self._recompute(name, self._rows(0, n_rc), n_rc)
+                    self._local(failed, self.copy, self.staging[0], rc_idx[1], self.pool.act[name], rc_idx[0])
+                    self._local(failed, self._recompute, name, self._rows(0, n_rc), n_rc)
+            if failed:
+                raise failed[0]
             self.stats.restore_seconds.append(time.perf_counter() - t0)
             if wait == "layers":  # nothing to wait for, but the forward's calls are still checked
                 self._awaiting = dict.fromkeys(self.names)
@@ -357,7 +378,7 @@ class RestoreRuntime:
         self._pos_buf[:n].copy_(positions, non_blocking=True)
 
     def _load_pipelined(
-        self, rc_idx, kv_idx, n_rc: int, wait: Wait, stored: torch.cuda.Event | None
+        self, rc_idx, kv_idx, n_rc: int, wait: Wait, stored: torch.cuda.Event | None, failed: list[Exception]
     ) -> torch.cuda.Event:
         main = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -375,17 +396,19 @@ class RestoreRuntime:
                 if n_rc:
                     if layer >= 2:
                         self.copy_stream.wait_event(self._free[slot])
-                    self.copy(self.staging[slot], rc_idx[1], self.pool.act[name], rc_idx[0])
+                    self._local(failed, self.copy, self.staging[slot], rc_idx[1], self.pool.act[name], rc_idx[0])
                     self.copy_stream.record_event(self._x_ready)
-                self._copy_kv(name, *kv_idx)
+                self._local(failed, self._copy_kv, name, *kv_idx)
                 self.copy_stream.record_event(self._kv_ready)
             with torch.cuda.stream(self.compute_stream):
                 if n_rc:
                     self.compute_stream.wait_event(self._x_ready)
-                    self._recompute(name, self._rows(slot, n_rc), n_rc)
+                    self._local(failed, self._recompute, name, self._rows(slot, n_rc), n_rc)
                     self.compute_stream.record_event(self._free[slot])
                 self.compute_stream.wait_event(self._kv_ready)
                 self.compute_stream.record_event(self._layer_done[name])
+        if failed:
+            raise failed[0]
         self.compute_stream.record_event(end)
         self._pending_timers.append((start, end))
         if wait == "layers":
