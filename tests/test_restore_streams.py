@@ -425,3 +425,30 @@ def test_start_up_tunes_every_bucket_so_that_restores_never_time(monkeypatch):
             torch.testing.assert_close(k[targets].reshape(-1, kv_dim), x @ w[:kv_dim].T)
             torch.testing.assert_close(v[targets].reshape(-1, kv_dim), x @ w[kv_dim:].T)
     assert serving == [] and rt.kernel == "auto"  # and the kernel never failed over to torch
+
+
+def test_the_shard_join_runs_between_its_layers_copy_and_the_staging_reuse(rig):
+    """Under tensor parallelism the compute stream joins the ranks' activation shards before each
+    recompute: after its layer's activation copy, before its recompute, and before the copy that
+    reuses its staging slot two layers later (a synchronous all-gather orders like an op on the
+    current stream)."""
+    tl, rt, names = rig
+
+    def gather(x):
+        (slot,) = [i for i, s in enumerate(rt.staging) if s.data_ptr() == x.data_ptr()]
+        tl.op("gather", slot)
+        return x
+
+    rt.gather = gather
+    _step(tl, rt, names, recompute_blocks=2)
+
+    def after(later, earlier):
+        return all(later.get(k, 0) >= v for k, v in earlier.items())
+
+    for i, name in enumerate(names):
+        slot, k = i % 2, i // 2
+        joined = tl.find("gather", slot)[k]
+        assert after(joined, tl.find("act", name, slot)[0])  # joins what this layer copied
+        assert after(tl.find("rc", name, slot)[0], joined)  # the recompute reads the join
+        if i + 2 < len(names):  # the staging slot is reused two layers later, after the join
+            assert after(tl.find("act", names[i + 2], slot)[0], joined)
