@@ -30,9 +30,12 @@ class TensorParallelRanks:
         """The join's buffers (the all-gather's output and the rows in token order), allocated once
         at start-up: an allocation failing on one rank in the middle of a restore would leave the
         others waiting in the next layer's all-gather. One layer's worth: the compute stream joins
-        and recomputes one layer after the other."""
+        and recomputes one layer after the other. One join now, too: NCCL sets a communicator up
+        (and its buffers) at its first collective, which must not be a served restore's.
+        A collective: every rank calls it at start-up."""
         self._gathered = torch.empty(self.size * max_tokens, width, dtype=dtype, device=device)
         self._rows = torch.empty(max_tokens, self.size * width, dtype=dtype, device=device)
+        self.gather(torch.zeros(1, width, dtype=dtype, device=device))
 
     def columns(self, hidden_size: int) -> tuple[int, int]:
         """This rank's columns of an activation row (the ranks' shards in rank order make it)."""
