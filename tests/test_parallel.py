@@ -353,6 +353,10 @@ def test_every_stage_counts_its_own_layers_and_plans_with_one_shape(tiny_model, 
 
     layers, plans = per_stage()
     assert layers == [11, 11, 10] and len(plans) == 1 and plans.pop().num_layers == 11
-    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "8,20,4")  # the user's own partition
+    import vllm.envs
+
+    # The user's own partition (vllm.envs may cache what it read: its attribute too).
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "8,20,4")
+    monkeypatch.setattr(vllm.envs, "VLLM_PP_LAYER_PARTITION", "8,20,4", raising=False)
     layers, plans = per_stage()
     assert layers == [8, 20, 4] and len(plans) == 1 and plans.pop().num_layers == 20
