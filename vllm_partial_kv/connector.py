@@ -30,6 +30,7 @@ from vllm_partial_kv.deployment import (
 from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
 from vllm_partial_kv.faults import RestoreFaults
 from vllm_partial_kv.metrics import PartialKVStats
+from vllm_partial_kv.ranks import TensorParallelRanks, from_first_rank
 from vllm_partial_kv.restore import LoadSpec, RestoreRuntime, Wait
 from vllm_partial_kv.store import (
     BlockIndex, Entry, HostPool, StoreUsage, ensure_room, slots_for_layout,
@@ -146,6 +147,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self._failed_blocks: set[int] = set()  # restores that failed, for vLLM to recover
             self._faults = RestoreFaults.from_env()  # the documented test hook (faults.py)
             self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
+            self._ranks: TensorParallelRanks | None = None  # with activation shards, once caches exist
             self._stats = PartialKVStats()
             self.totals = PartialKVStats()  # since start-up, for logs and tests
 
@@ -375,10 +377,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         self.shape = model_shape(vllm_config)
         self.plan_shape = planning_shape(vllm_config)
         # Activation shards: this rank keeps its 1/TP of each row's columns, and restores join them.
-        self._ranks = None
         if self.with_act and self.shape.act_shards > 1:
-            from vllm_partial_kv.ranks import TensorParallelRanks
-
             self._ranks = TensorParallelRanks()
         width = self.shape.hidden_size // self.shape.act_shards
         kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
@@ -432,7 +431,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         shares the GPU with other requests' forward recomputes slower, so it should recompute less.
         With activation shards, the all-gather that joins them is measured on the real group. Every
         rank then plans from rank 0's profiles, so that all pick the same split."""
-        from vllm_partial_kv import profiler, ranks
+        from vllm_partial_kv import profiler
         from vllm_partial_kv.kernels import recompute_kv
 
         kernel = self._profiled_kernel = self.runtime.kernel
@@ -456,7 +455,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             logger.info("partial_kv: joining activation shards over %d ranks: %.2f GB/s, %.0f us per call",
                         self._ranks.size, bw / 1e9, latency * 1e6)
             profiles = {k: replace(p, gather_bytes_per_s=bw, gather_latency_s=latency) for k, p in profiles.items()}
-        return ranks.from_first_rank(profiles)
+        return from_first_rank(profiles)
 
     def handle_preemptions(self, kv_connector_metadata) -> None:
         """vLLM calls this every step before it writes anything into the KV cache: blocks it
