@@ -114,9 +114,14 @@ PARALLEL = textwrap.dedent(
         model, cpu_bytes, gpu_bytes, tp, pp, backend = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
         if backend == "ray":
             start_ray(tp, pp)
-        llm = LLM(model, dtype="float32", block_size=32, kv_cache_memory_bytes=gpu_bytes,
-                  max_model_len=768, seed=0, enforce_eager=True, disable_log_stats=True,
-                  tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend=backend,
+        engine = dict(dtype="float32", block_size=32, kv_cache_memory_bytes=gpu_bytes, max_model_len=768,
+                      seed=0, enforce_eager=True, disable_log_stats=True, tensor_parallel_size=tp,
+                      pipeline_parallel_size=pp, distributed_executor_backend=backend)
+        if sys.argv[7:] == ["plain"]:  # the same parallel engine without the plugin
+            plain = conversations(LLM(model, **engine), 3, 2, SamplingParams(temperature=0, max_tokens=16))
+            print("RESULT " + json.dumps({"plain": plain}))
+            sys.exit(0)
+        llm = LLM(model, **engine,
                   kv_transfer_config=KVTransferConfig(
                       kv_connector="PartialRecomputeConnector", kv_role="kv_both",
                       kv_load_failure_policy="recompute",
@@ -145,7 +150,7 @@ PARALLEL = textwrap.dedent(
         llm.reset_prefix_cache()
         failed_over = llm.generate([one], sp8, use_tqdm=False)[0].outputs[0].token_ids
         llm.collective_rpc(fail_on_last_rank, args=(False,))
-        print("RESULT " + json.dumps({"same": got == baseline, "pid": os.getpid(),
+        print("RESULT " + json.dumps({"same": got == baseline, "got": got, "pid": os.getpid(),
                                       "baseline_tokens": sum(map(len, baseline)),
                                       "failed_over_same": list(failed_over) == list(reference),
                                       "scheduler_slots": scheduler.num_slots, "kv": kv,
@@ -185,7 +190,8 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, backend, tiny_model, tmp_pa
     """TP=2 or PP=2 on the mp executor, and TP=2 on the Ray executor (workers in Ray actors,
     where the plugin must load from its entry point as in mp's worker processes), in auto mode,
     under forced eviction in multi-turn conversations: the same greedy tokens as vLLM computing
-    every block itself (same engine, host lookups off); every rank plans from the same profiles;
+    every block itself (same engine, host lookups off) and, on mp, as the same parallel engine
+    without the plugin; every rank plans from the same profiles;
     every rank captures, stores and restores its own stage's layers, recomputing on every rank;
     every rank's restored K/V equal what it offloaded for r = 0, n/2 and n (recomputed from the
     ranks' joined activation shards under TP); a restore that fails on the last rank fails on
@@ -206,6 +212,12 @@ def test_parallel_ranks_restore_their_own_kv(tp, pp, backend, tiny_model, tmp_pa
     assert returncode == 0 and lines, stderr[-5000:]
     result = json.loads(lines[-1][7:])
     assert result["same"] and result["baseline_tokens"] == 3 * 2 * 16
+    if backend == "mp":  # and the same as the same parallel engine without the plugin
+        returncode, stdout, stderr = _run_in_own_process_group(  # no plugin loaded at all
+            [sys.executable, str(script), *args, "plain"], {**env, "VLLM_PLUGINS": "none"}, 600)
+        plain = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        assert returncode == 0 and plain, stderr[-5000:]
+        assert json.loads(plain[-1][7:])["plain"] == result["got"]
     assert result["failed_over_same"]
     ranks = sorted(result["ranks"], key=lambda r: r["rank"])
     before = sorted(result["before"], key=lambda r: r["rank"])
