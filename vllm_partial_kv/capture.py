@@ -7,9 +7,9 @@ running. Rows live in a small capture space (blocks of block_size rows), not one
 a fixed-address int32 map from KV block to capture block (-1: not captured), rewritten in place
 before each forward, sends slot s to row map[s // block_size] * block_size + s % block_size, and
 uncaptured slots and padding to a spare last row. Under tensor parallelism a rank keeps only its
-shard of each row's columns (`ranks.TensorParallelRanks.columns`). The hooks go in right after the model is loaded
-(before vLLM's profiling run and compilation); the buffers are bound later, once the KV cache
-exists, and until then the op does nothing.
+shard of each row's columns (the shards in rank order make the row). The hooks go in right after
+the model is loaded (before vLLM's profiling run and compilation); the buffers are bound later,
+once the KV cache exists, and until then the op does nothing.
 """
 
 from __future__ import annotations

@@ -403,10 +403,10 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
         if self.with_act:
             act_buffers = {n: torch.zeros(rows, width, dtype=dtype, device=device) for n in kv_caches}
             capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
-            first = 0
             if self._ranks is not None:
-                first = self._ranks.columns(self.shape.hidden_size)[0]
                 self._ranks.reserve(self.cfg.max_recompute_tokens, width, dtype, device)
+            # The ranks' shards, in rank order, make a row (the order the join puts them in).
+            first = self._ranks.rank * width if self._ranks is not None else 0
             capture.bind_buffers(act_buffers, capture_map, self.block_size, first)
         act_shape = (self.block_size, width) if self.with_act else None
         pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",

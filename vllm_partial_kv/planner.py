@@ -16,8 +16,8 @@ the compute stream first joins the ranks' shards: t_g = gather_lat + R*gather_by
 The recompute and the forward share the compute units, so they are modelled as one queue:
 recompute(l) after forward(l-1). The step ends when the forward finishes layer L-1 (with f = 0:
 when the restore does). An asynchronous restore runs beside other requests' steps instead: f = 0
-and the busy profile's factor stands for them. Where nothing overlaps (`Profile.overlap` False: the CPU runtime
-copies and recomputes one after the other), a layer costs t_x + t_kv + t_c + f.
+and the busy profile's factor stands for them. Where nothing overlaps (`Profile.overlap` False:
+the CPU runtime copies and recomputes one after the other), a layer costs t_x + t_kv + t_c + f.
 """
 
 from __future__ import annotations

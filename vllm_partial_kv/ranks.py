@@ -37,11 +37,6 @@ class TensorParallelRanks:
         self._rows = torch.empty(max_tokens, self.size * width, dtype=dtype, device=device)
         self.gather(torch.zeros(1, width, dtype=dtype, device=device))
 
-    def columns(self, hidden_size: int) -> tuple[int, int]:
-        """This rank's columns of an activation row (the ranks' shards in rank order make it)."""
-        width = hidden_size // self.size
-        return self.rank * width, (self.rank + 1) * width
-
     def gather(self, shard: torch.Tensor) -> torch.Tensor:
         """[tokens, hidden / TP] shards of every rank -> [tokens, hidden] rows (a view of the
         reserved buffer, valid until the next gather)."""
