@@ -135,6 +135,29 @@ def attention_layer_class() -> type:
     return Attention
 
 
+TRANSFORMERS_BACKEND = "vllm.model_executor.models.transformers"
+"""The package of vLLM's Transformers backend (the same on 0.26 to 0.34): its classes run Hugging Face's
+attention code, not vLLM's."""
+
+
+def model_class(model_config: Any) -> str | None:
+    """`module.Class` of the model class vLLM instantiates, from its registry entry for the architecture
+    it resolved (`model_config.architecture`), without importing it: the Transformers backend's class
+    where vLLM serves the family through it (GPT-NeoX and Phi-2 on 0.32, StableLM on 0.34, any model
+    with `model_impl="transformers"`), a plugin's class where one registered the name. None where the
+    registry has no entry under that name (vLLM then converted or adapted the class)."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    registry = getattr(model_config, "registry", None) or ModelRegistry  # with the config's overrides
+    entry = registry.models.get(model_config.architecture)
+    if entry is None:
+        return None
+    cls = getattr(entry, "model_cls", None)  # a class registered as a class, not by name
+    if cls is not None:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{entry.module_name}.{entry.class_name}"
+
+
 def rotary_classes() -> tuple[type, type, type]:
     """vLLM's plain RotaryEmbedding, the base every rotary class derives from (RotaryEmbeddingBase
     where it exists), and Phi-3's LongRoPE class."""

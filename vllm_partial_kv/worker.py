@@ -45,6 +45,7 @@ class PartialKVWorker:
         self._faults = RestoreFaults.from_env()  # the documented test hook (faults.py)
         self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
         self._ranks: TensorParallelRanks | None = None  # with activation shards, once caches exist
+        self.recomputes = with_act  # False where capture hooked nothing (set with the KV caches)
         self._stats = PartialKVStats()
         self.totals = PartialKVStats()  # since start-up, for logs and tests
 
@@ -53,7 +54,10 @@ class PartialKVWorker:
         vllm_config = self._vllm_config
         num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())))
         layers = capture.layers() if self.with_act else {}
-        if self.with_act and set(layers) != set(kv_caches):
+        # The structural match refused the model (capture.install warned): the scheduler still plans
+        # with activations, so the host layout and slots stay its own; this worker never recomputes.
+        self.recomputes = self.with_act and not (not layers and capture.why_not_installed())
+        if self.recomputes and set(layers) != set(kv_caches):
             raise RuntimeError(
                 "partial_kv: activation capture hooks were not installed for every attention "
                 "layer (is the vllm_partial_kv plugin loaded?)"
@@ -110,7 +114,7 @@ class PartialKVWorker:
                 "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
                 kv_bytes * num_blocks / 2**30,
             )
-        if self.with_act and self.cfg.recompute_ratio is None:
+        if self.recomputes and self.cfg.recompute_ratio is None:
             self.profiles = self._load_profiles()
 
     def _load_profiles(self) -> dict[bool, planner.Profile]:
@@ -157,6 +161,10 @@ class PartialKVWorker:
     def start_load_kv(self, meta, forward_context) -> None:
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
+        if not self.recomputes:
+            meta = self._refuse_activations_only(meta)
+            if not meta.loads:
+                return
         wait: Wait = "none"
         if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
@@ -199,6 +207,18 @@ class PartialKVWorker:
         if self.cfg.async_load:
             self._loading.update(dict.fromkeys((spec.req_id for spec in meta.loads), done))
 
+    def _refuse_activations_only(self, meta: PartialKVMetadata) -> PartialKVMetadata:
+        """Without capture, restores whose leading blocks are kept without K/V (host layout "act")
+        cannot be served here: reported as load errors at once, so that vLLM computes them."""
+        refused = [spec for spec in meta.loads if spec.must_recompute]
+        if not refused:
+            return meta
+        self._failed_blocks |= {b for spec in refused for b in spec.block_ids}
+        self.runtime.stats.failed_restores += len(refused)
+        if self.cfg.async_load:
+            self._loading.update(dict.fromkeys((spec.req_id for spec in refused), None))
+        return replace(meta, loads=[spec for spec in meta.loads if not spec.must_recompute])
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Asynchronous loads whose restore has completed on the device."""
         done = {r for r, event in self._loading.items() if event is None or event.query()}
@@ -225,7 +245,7 @@ class PartialKVWorker:
                 "blocks from now on (restart to profile it)", self.runtime.kernel,
             )
             self.cfg = replace(self.cfg, recompute_ratio=0.0)
-        if not self.with_act:
+        if not self.recomputes:
             split = [0] * len(loads)
         else:
             profile = self.profiles.get(meta.busy and wait == "none")
