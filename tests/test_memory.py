@@ -204,8 +204,13 @@ def test_host_layout_is_validated():
     assert parse_config({"host_layout": "kv"}).wants_activations is False
     with pytest.raises(ConfigError, match="host_layout must be one of"):
         parse_config({"host_layout": "kv-act"})
-    with pytest.raises(ConfigError, match="host_layout \"kv\" keeps no activations"):
+    # A fixed ratio the layout cannot serve stops start-up, both ways, naming both keys.
+    with pytest.raises(ConfigError, match="host_layout \"kv\" keeps no activations.*recompute_ratio 0.5 cannot"):
         parse_config({"host_layout": "kv", "recompute_ratio": 0.5})
+    with pytest.raises(ConfigError, match="host_layout \"act\" keeps activations .*recompute_ratio 0.0 cannot"):
+        parse_config({"host_layout": "act", "recompute_ratio": 0})
+    assert parse_config({"host_layout": "act", "recompute_ratio": "auto"}).wants_activations is None
+    assert parse_config({"host_layout": "kv", "recompute_ratio": 0}).wants_activations is False
 
 
 
