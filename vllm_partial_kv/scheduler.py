@@ -138,6 +138,9 @@ class PartialKVScheduler:
         for req_id in scheduler_output.preempted_req_ids or ():
             if req_id in self.reqs:  # its blocks are freed: it starts them again when resumed
                 self._give_back_capture(self.reqs[req_id])
+                # Offered for storing again from block 0 (those still stored are only touched):
+                # copies evicted while it waited are stored again once recomputed.
+                self.reqs[req_id].stored_blocks = 0
         for req_id, new_ids, resumed in yield_req_data(scheduler_output):
             state = self.reqs.get(req_id)
             if state is None:
@@ -293,6 +296,8 @@ class PartialKVScheduler:
 
     def reset_cache(self) -> bool:
         logger.info("partial_kv: host store reset, %d blocks dropped", self.index.clear())
+        for state in self.reqs.values():  # running requests store their blocks again, from block 0
+            state.stored_blocks = 0
         return True
 
     def store_gauges(self) -> PartialKVStats | None:
