@@ -56,8 +56,8 @@ class _Request:
 
 class RestoreBreaker:
     """Host hits are not offered for `cooldown_s` after `threshold` steps in a row whose restores
-    failed; then restores probe again, and one more failure opens it again at once. vLLM 0.34's
-    offloading does the same with its CircuitBreaker, which older vLLMs lack. A step's restores
+    failed; then restores probe again, and one more failure opens it again at once (as vLLM 0.34's
+    `CircuitBreaker` in kv_connector/utils.py, which older vLLMs lack, does for transfers). A step's restores
     count as done once an engine output two steps later reported none of them failed (with
     asynchronous scheduling a step's output arrives after the next step is scheduled)."""
 
@@ -256,7 +256,9 @@ class PartialKVScheduler:
         vLLM recomputes the blocks; the entries are dropped so that it does not ask for them
         again (an asynchronous retry would hit them, and fail, forever), and so are the blocks
         the request stored after them: a synchronous restore's step computed those from the
-        unrestored K/V. They are stored again once vLLM has recomputed them."""
+        unrestored K/V. They are stored again once vLLM has recomputed them, but that request
+        never looks up the host store again (as vLLM 0.34's offloading), and steps of failed
+        restores in a row open the breaker."""
         for req_id in connector_output.finished_recving or ():
             self.index.unpin(self._in_flight.pop(req_id, []))
         invalid = connector_output.invalid_block_ids

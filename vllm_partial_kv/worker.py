@@ -56,7 +56,7 @@ class PartialKVWorker:
         layers = capture.layers() if self.with_act else {}
         # The structural match refused the model (capture.install warned): the scheduler still plans
         # with activations, so the host layout and slots stay its own; this worker never recomputes.
-        self.recomputes = self.with_act and not (not layers and capture.why_not_installed())
+        self.recomputes = self.with_act and (bool(layers) or capture.why_not_installed() is None)
         if self.recomputes and set(layers) != set(kv_caches):
             raise RuntimeError(
                 "partial_kv: activation capture hooks were not installed for every attention "
