@@ -220,7 +220,7 @@ def _watch_fences(llm) -> dict:
     from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
     core = _scheduler(llm)
-    connector, seen = core.connector, {"unfenced": set(), "skipped": 0}
+    connector, seen = core.connector.scheduler, {"unfenced": set(), "skipped": 0}
     build = connector.build_connector_meta
 
     def checked(scheduler_output):
