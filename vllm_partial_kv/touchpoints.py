@@ -68,6 +68,9 @@ CONFIGS = {
 # Read by compat.compile_key on the releases that have them; checked under "compile key".
 VERSIONED_FIELDS = {("VllmConfig", "compute_hash"), ("VllmConfig", "compile_factors")}
 CONNECTOR_BASE = "KVConnectorBase_V1"
+# Connector-base hooks that appeared in a later release than the oldest supported: the plugin may
+# override them (older releases never call them). Hook -> first release that has it.
+CONNECTOR_HOOKS_SINCE = {"may_load_async": (0, 34)}
 
 
 class Source:
@@ -220,11 +223,14 @@ def _vllm_names(tree: ast.Module) -> dict[str, tuple[str, str]]:
 
 def plugin_subclasses(modules: dict[str, ast.Module]) -> list[tuple[str, ast.ClassDef, str, str]]:
     """The plugin's classes derived from a vLLM class: (where, class, vLLM module, vLLM class).
-    A base spelled `compat.Name` resolves through compat's own imports."""
+    A base taken from compat (`compat.Name`, or imported from it) resolves through compat's imports."""
     compat = _vllm_names(modules["vllm_partial_kv/compat.py"])
     found = []
     for path, tree in modules.items():
         names = _vllm_names(tree)
+        names.update({(a.asname or a.name): compat[a.name] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                      and (n.module, n.level) in (("vllm_partial_kv.compat", 0), ("compat", 1))
+                      for a in n.names if a.name in compat})  # from vllm_partial_kv.compat import Name
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
             for base in cls.bases:
                 if isinstance(base, ast.Name) and base.id in names:
@@ -428,6 +434,8 @@ def check_classes(source: Source, modules: dict[str, ast.Module]) -> tuple[list[
                                  f"plugin: {_params(fn)}, {where}:{fn.lineno})")
                 else:
                     checked.append(name)
+            elif base_name == CONNECTOR_BASE and source.version[:2] < CONNECTOR_HOOKS_SINCE.get(name, (0, 0)):
+                ok.append(f"{base_name}.{name}: overridden for later releases; not in this one's base")
             elif base_name == CONNECTOR_BASE and not name.startswith("_"):
                 diffs.append(f"{base_name}.{name}: the plugin overrides it ({where}:{fn.lineno}), "
                              f"vLLM's base has no such method")
