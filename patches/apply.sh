@@ -4,7 +4,8 @@
 # Usage: bash patches/apply.sh [PYTHON]   (default: python3; use the venv's python)
 #
 # vllm-X.Y.patch is made against vLLM X.Y's own files and applies there without fuzz or offset.
-# For a version without its own file, the first one whose context matches exactly is used.
+# For a version without its own file, the first one whose context matches exactly is used (0.27 to
+# 0.31 take vllm-0.26.patch, at an offset: checked by dry runs against their wheels).
 set -euo pipefail
 py=${1:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
