@@ -50,6 +50,19 @@ def test_a_vllm_newer_than_the_supported_range_stops_start_up_with_one_line(fake
         compat.check_version()
 
 
+def test_a_vllm_without_what_compat_imports_stops_start_up_with_one_line(monkeypatch):
+    """A release that moved a module compat imports fails before the version check can run."""
+    import vllm_partial_kv
+    from vllm_partial_kv import plugin
+
+    monkeypatch.delattr(vllm_partial_kv, "compat")
+    monkeypatch.setitem(sys.modules, "vllm_partial_kv.compat", None)  # importing it raises ImportError
+    with pytest.raises(SystemExit) as refused:
+        plugin.register()
+    assert str(refused.value).startswith("error: vllm-partial-kv cannot load beside this vLLM: ")
+    assert "\n" not in str(refused.value) and refused.value.__cause__ is None
+
+
 REFUSED = textwrap.dedent(
     """
     import sys
