@@ -207,10 +207,7 @@ def test_may_load_async_is_one_look_up_of_the_first_block():
 
     from test_memory import _scheduler_half
 
-    from vllm_partial_kv.scheduler import RestoreBreaker
-
     conn = _scheduler_half("kv+act", 64)
-    conn.breaker = RestoreBreaker()
     conn.index.allocate(b"first", has_activations=True)
     assert conn.may_load_async(SimpleNamespace(block_hashes=[b"first", b"second"]))
     assert not conn.may_load_async(SimpleNamespace(block_hashes=[b"second", b"first"]))
