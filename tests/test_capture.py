@@ -45,8 +45,11 @@ def test_rows_written_by_slot_mapping(buf, mode, metadata):
 
 
 def test_blocks_without_a_capture_block_write_only_the_spare_row(buf):
-    x = torch.ones(3, 4)
-    with set_forward_context(None, VllmConfig(), slot_mapping={NAME: torch.tensor([0, 3, 13])}):
+    """Also blocks past the map (sized at model load from a bound on KV blocks): the spare row,
+    never a wrong row or an out-of-range index."""
+    x = torch.ones(4, 4)
+    past = len(BLOCK_MAP) * BS + 1
+    with set_forward_context(None, VllmConfig(), slot_mapping={NAME: torch.tensor([0, 3, 13, past])}):
         torch.ops.partial_kv.capture(x, x, NAME)
     assert not buf[: 2 * BS].any() and buf[2 * BS].all()
 
