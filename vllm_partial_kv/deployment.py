@@ -179,5 +179,6 @@ def late_device_bytes(shape: planner.ModelShape, cfg: PartialKVConfig, profiling
     """What the worker half still allocates on the device after vLLM sized its KV cache: the
     recompute GEMM's workspace (one chunk of K and V, kept by torch's allocator) and, while the
     start-up profile is measured, what measuring takes."""
-    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes
+    k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes
+    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
     return workspace + (device_peak_bytes(shape) if profiling else 0)

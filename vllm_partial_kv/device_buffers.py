@@ -18,8 +18,9 @@ import torch
 
 from vllm_partial_kv import capture
 from vllm_partial_kv.config import parse_config
-from vllm_partial_kv.deployment import capture_blocks, extra_config, kv_block_bound, model_shape
+from vllm_partial_kv.deployment import capture_blocks, device_bytes, extra_config, kv_block_bound, model_shape
 from vllm_partial_kv.ranks import TensorParallelRanks
+from vllm_partial_kv.store import ensure_room
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -83,9 +84,11 @@ def allocate(vllm_config, layer_names: list[str], device: torch.device) -> Devic
     rows = capture_blocks(vllm_config) * bs + 1
     max_tokens = cfg.max_recompute_tokens - cfg.max_recompute_tokens % bs
     total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else _host_total_bytes()
+    bound = kv_block_bound(vllm_config, total)
+    ensure_room({device: device_bytes(vllm_config) + 4 * bound})
     buffers = DeviceBuffers(
         capture={n: torch.zeros(rows, width, dtype=dtype, device=device) for n in layer_names},
-        block_map=torch.full((kv_block_bound(vllm_config, total),), -1, dtype=torch.int32, device=device),
+        block_map=torch.full((bound,), -1, dtype=torch.int32, device=device),
         block_size=bs,
         first_column=ranks.rank * width if ranks else 0,  # shards in rank order make a row, as joined
         # Two on CUDA (layer l + 1's copy overlaps layer l's recompute); zeroed, so that the CPU

@@ -114,7 +114,8 @@ def device_peak_bytes(shape: ModelShape) -> int:
     largest count (activations and a K and V weight, drawn in float32 and cast; a paged K and V
     cache), the copy's buffer and the background load's matrices."""
     tokens, kv_dim = max(DEFAULT_TOKEN_COUNTS), shape.num_kv_heads * shape.head_size
-    inputs = (tokens + 2 * kv_dim) * shape.hidden_size * (4 + shape.dtype_bytes) + 2 * tokens * kv_dim * shape.dtype_bytes
+    inputs = (tokens + 2 * kv_dim) * shape.hidden_size * (4 + shape.dtype_bytes)
+    inputs += 2 * tokens * kv_dim * shape.dtype_bytes
     return inputs + _GPU_COPY_BYTES + 2 * 4096 * 4096 * 2
 
 

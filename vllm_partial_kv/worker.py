@@ -59,7 +59,8 @@ class PartialKVWorker:
         num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())))
         layers = capture.layers() if self.with_act else {}
         buffers = device_buffers.current() if self.with_act else None
-        if self.with_act and (set(layers) != set(kv_caches) or buffers is None or set(buffers.capture) != set(kv_caches)):
+        made = set(buffers.capture) if buffers is not None else set()
+        if self.with_act and not set(layers) == made == set(kv_caches):
             raise RuntimeError(
                 "partial_kv: activation capture hooks and buffers were not set up at model load for "
                 "every attention layer (is the vllm_partial_kv plugin loaded?)"
@@ -102,7 +103,7 @@ class PartialKVWorker:
         if self.with_act:
             logger.info(
                 "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s (made at "
-                "model load) beside a KV cache of %.2f GiB", buffers.capture[self.runtime.names[0]].shape[0] - 1,
+                "model load) beside a KV cache of %.2f GiB", buffers.capture[next(iter(made))].shape[0] - 1,
                 buffers.nbytes / 2**20, device, kv_bytes * num_blocks / 2**30,
             )
         if profiling:
