@@ -146,7 +146,7 @@ def run_engine(spec: str, models_dir: Path, args) -> None:
     plugin, sized_by_vllm = role.startswith("plugin"), role == "plugin-vllm-sized"
     llm = make_engine(models_dir / arch, kv_dtype, plugin, args.gpu_memory_utilization, sized_by_vllm)
     facts = engine_facts(llm)
-    emit(spec, "engine", startup_s=round(time.perf_counter() - t0, 1), **facts)
+    emit(spec, "engine", startup_s=round(time.perf_counter() - t0, 1), sized_by_vllm=sized_by_vllm, **facts)
     if plugin:
         check_kv(spec, llm, kv_dtype, facts["max_capture_size"])
     if kv_dtype == "auto":

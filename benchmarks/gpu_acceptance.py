@@ -253,7 +253,7 @@ def _detail(c: dict) -> str:
                 f" same tokens {c['same_tokens']}, async {c['asynchronous']}")
     if c["check"] == "engine":
         sized = ("KV cache sized by vLLM" + (" (extensible)" if c.get("extensible_kv_cache") else "")
-                 if c.get("kv_cache_memory_bytes") is None else "KV cache set")
+                 if c.get("sized_by_vllm") else "KV cache set")
         return (f"{c['dtype']}, cache {c['kv_cache_dtype']}, block {c['block_size']}, eager {c['enforce_eager']}, "
                 f"graphs {c['cudagraph_mode']} up to {c['max_capture_size']}, {sized}: {c.get('num_gpu_blocks')} "
                 f"blocks, start {c['startup_s']} s")
