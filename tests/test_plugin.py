@@ -34,10 +34,10 @@ SPAWNED = textwrap.dedent(
         import os
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         from vllm_partial_kv import capture
-        return {"pid": os.getpid(), "totals": get_kv_transfer_group().worker.totals.data,
-                "captured_layers": len(capture.layers()),
-                "budget_hooked": getattr(type(getattr(self, "worker", self)).determine_available_memory,
-                                         "_partial_kv_wrapped", False)}
+        worker = get_kv_transfer_group().worker
+        return {"pid": os.getpid(), "totals": worker.totals.data, "captured_layers": len(capture.layers()),
+                "bound": [b.data_ptr() for b in capture._BUFFERS.values()],
+                "used": [b.data_ptr() for b in worker.runtime._capture_space]}
 
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], kv_cache_memory_bytes=32 << 20, block_size=32, max_model_len=1024,
@@ -73,7 +73,7 @@ def test_spawned_engine_registers_connector_and_capture(tiny_model, tmp_path):
     result = json.loads(lines[-1][7:])
     assert result["pid"] != result["main_pid"]  # the worker really is another process
     assert result["captured_layers"] == 4
-    assert result["budget_hooked"]  # the KV budget passes through the plugin in the worker
+    assert result["bound"] and result["bound"] == result["used"]  # made at model load in the worker
     assert result["totals"]["tokens_recomputed"] > 0
     assert result["same"]
 
