@@ -45,6 +45,7 @@ def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShap
             parallel.tensor_parallel_size,
         ),
         act_shards=activation_shards(vllm_config),
+        host_format=parse_config(extra_config(vllm_config)).host_format if uses_this_connector(vllm_config) else "auto",
     )
 
 
@@ -146,7 +147,7 @@ def device_bytes(vllm_config) -> int:
     KV block to capture block adds 4 bytes per KV block, under 0.01% of the cache.)"""
     shape = model_shape(vllm_config)
     rows = capture_blocks(vllm_config) * shape.block_size + 1
-    capture = rows * shape.act_bytes_per_token * shape.num_layers
+    capture = rows * shape.capture_bytes_per_token * shape.num_layers
     return capture + staging_bytes(shape, parse_config(extra_config(vllm_config)))
 
 
