@@ -35,6 +35,7 @@ class Entry:
     pins: int = 0
     indexed: bool = True  # False once dropped from the index; its slot is freed at the last unpin
     has_kv: bool = True  # False: an activations-only slot (host layout "act"), always recomputed
+    fmt: str = "auto"  # the host format it was stored in (`formats`); read back only in that format
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,12 @@ class BlockIndex:
     With `act_slots` (host layout "act"), blocks with activations take activations-only slots,
     numbered apart from the K/V slots, and the others K/V slots; each kind evicts its own."""
 
-    def __init__(self, num_slots: int, act_slots: int = 0) -> None:
+    def __init__(self, num_slots: int, act_slots: int = 0, fmt: str = "auto") -> None:
         if num_slots <= 0:
             raise ValueError(f"the CPU store needs at least one block slot, got {num_slots}")
         self.num_slots = num_slots
         self.act_slots = act_slots
+        self.fmt = fmt
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._free = {True: list(range(num_slots - 1, -1, -1)), False: list(range(act_slots - 1, -1, -1))}
         self.evictions = 0
@@ -114,7 +116,7 @@ class BlockIndex:
         if not self._free[has_kv] and not self._evict_one(has_kv):
             return None
         slot = self._free[has_kv].pop()
-        self._entries[block_hash] = Entry(slot, has_activations, has_kv=has_kv)
+        self._entries[block_hash] = Entry(slot, has_activations, has_kv=has_kv, fmt=self.fmt)
         self._with_act += has_activations
         return slot
 
@@ -241,34 +243,44 @@ class HostPool:
         act_dtype: torch.dtype,
         pin: bool,
         act_slots: int | None = None,
+        fmt: str = "auto",
     ) -> None:
         """`act_slots`: activation slots numbered apart from the K/V ones (host layout "act");
-        None: each K/V slot has its activation slot (same number)."""
+        None: each K/V slot has its activation slot (same number). `kv_block_views`: per layer, what
+        a slot mirrors (the device's K/V blocks, or the fp8 store's values and scales:
+        `store_format.kv_slot_views`). fmt "fp8": activation rows are `act_dtype` (fp8) with one
+        float32 scale each, in `act_scale`, slot for slot."""
         self.num_slots = num_slots
+        self.format = fmt
         # (layer, is K/V, shape, strides, dtype) of every view. K/V keep the device blocks' element
         # order: blocks are copied as raw bytes, so a host block must read back in the device's
         # (possibly permuted) order.
         layout = []
         for name, views in kv_block_views.items():
-            for v in views:
-                layout.append((name, True, (num_slots, *v.shape[1:]), _slot_strides(name, v), v.dtype))
+            for i, v in enumerate(views):
+                layout.append((name, i, (num_slots, *v.shape[1:]), _slot_strides(name, v), v.dtype))
             if act_block_shape is not None:
                 shape = (num_slots if act_slots is None else act_slots, *act_block_shape)
-                layout.append((name, False, shape, _contiguous_strides(shape), act_dtype))
+                layout.append((name, "act", shape, _contiguous_strides(shape), act_dtype))
+                if fmt == "fp8":
+                    layout.append((name, "scale", shape[:2], _contiguous_strides(shape[:2]), torch.float32))
         # Widest elements first (a stable sort: K stays before V), so that every view starts at a
         # multiple of its element size without padding.
         layout.sort(key=lambda item: -item[4].itemsize)
         sizes = [math.prod(shape) * dtype.itemsize for _, _, shape, _, dtype in layout]
         self.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
-        self.kv: dict[str, list[torch.Tensor]] = {name: [] for name in kv_block_views}
+        self.kv: dict[str, list[torch.Tensor]] = {name: [None] * len(v) for name, v in kv_block_views.items()}
         self.act: dict[str, torch.Tensor] = {}
+        self.act_scale: dict[str, torch.Tensor] = {}
         offset = 0
-        for (name, is_kv, shape, strides, dtype), size in zip(layout, sizes):
+        for (name, kind, shape, strides, dtype), size in zip(layout, sizes):
             view = self.buffer[offset : offset + size].view(dtype).as_strided(shape, strides)
-            if is_kv:
-                self.kv[name].append(view)
-            else:
+            if kind == "act":
                 self.act[name] = view
+            elif kind == "scale":
+                self.act_scale[name] = view
+            else:  # the layer's i-th view, in the order given
+                self.kv[name][kind] = view
             offset += size
         self.pinned = False
         if pin:
@@ -280,12 +292,13 @@ class HostPool:
                 # Before the buffer is freed, never while in use; process exit frees it anyway.
                 weakref.finalize(self, unpin).atexit = False
         logger.info(
-            "partial_kv host store: %d block slots%s, %.2f GiB%s, activations %s",
+            "partial_kv host store: %d block slots%s, %.2f GiB%s, activations %s, format %s",
             num_slots,
             "" if act_slots is None else f" + {act_slots} activations-only slots",
             self.nbytes / 2**30,
             " pinned" if self.pinned else "",
             "kept" if act_block_shape is not None else "not kept",
+            fmt,
         )
 
     @property
