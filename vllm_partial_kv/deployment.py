@@ -11,9 +11,10 @@ from typing import Any
 from vllm.distributed.utils import get_pp_indices
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-from vllm_partial_kv import planner
+from vllm_partial_kv import formats, planner
 from vllm_partial_kv.capture import why_not_captured
 from vllm_partial_kv.config import PartialKVConfig, parse_config
+from vllm_partial_kv.fp8_copies import staging_bytes as fp8_staging_bytes
 from vllm_partial_kv.kernels import SPLIT_ROWS
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -175,8 +176,16 @@ def staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
     time (double-buffered), so 1/num_layers of what the largest restore step moves: 256 MiB for
     a 7B model at the default 16384 tokens, half a percent of its KV cache on an 80 GB GPU.
     Under tensor parallelism the staging holds this rank's shards, and one layer's whole rows are
-    joined beside it (the all-gather's output and the rows in token order)."""
+    joined beside it (the all-gather's output and the rows in token order). The fp8 host format
+    adds the quantize/dequantize staging (`fp8_copies`) and, for cuBLAS, one chunk of fp8 rows
+    cast to the model's dtype; its staging rows are fp8 with a scale each."""
     k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes  # the GEMM's dtype
-    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
+    chunk = min(cfg.max_recompute_tokens, SPLIT_ROWS)
+    workspace = chunk * k_and_v
     joined = 2 * cfg.max_recompute_tokens * shape.hidden_size * shape.dtype_bytes if shape.act_shards > 1 else 0
+    if formats.quantizes_activations(shape.host_format):
+        kv = (shape.num_kv_heads, shape.head_size) if formats.quantizes_kv(shape.host_format, shape.kv_dtype_bytes) \
+            else None
+        workspace += chunk * shape.capture_bytes_per_token * shape.act_shards
+        workspace += fp8_staging_bytes(shape.block_size, kv, shape.hidden_size // shape.act_shards)
     return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace + joined

@@ -36,8 +36,10 @@ from typing import Callable, Literal
 
 import torch
 
-from vllm_partial_kv import compat
+from vllm_partial_kv import compat, formats
 from vllm_partial_kv.capture import LayerRecompute
+from vllm_partial_kv.fp8_copies import Fp8Copies
+from vllm_partial_kv.kernels.quant import FP8, dequantize_rows
 from vllm_partial_kv.store import HostPool
 
 logger = logging.getLogger(__name__)
@@ -158,14 +160,16 @@ class RestoreRuntime:
         self._capture_space = list(act_buffers.values())
         self.copy = _RowCopier()
         self._kv_slot_bytes = sum(t[0].numel() * t.element_size() for v in pool.kv.values() for t in v)
-        self._act_slot_bytes = sum(t[0].numel() * t.element_size() for t in pool.act.values())
+        self._act_slot_bytes = sum(t[0].numel() * t.element_size() for t in (*pool.act.values(),
+                                                                             *pool.act_scale.values()))
         self.device = next(iter(kv_caches.values())).device
         self.cuda = self.device.type == "cuda"
         self.max_recompute_tokens = max_recompute_tokens - max_recompute_tokens % block_size
         self.staging: list[torch.Tensor] = []
+        self.staging_scale: list[torch.Tensor] = []  # fp8 rows' scales, one per row
         if self.act_views:
             hidden = next(iter(self.act_views.values())).shape[-1]
-            dtype = next(iter(self.act_views.values())).dtype
+            dtype = next(iter(pool.act.values())).dtype  # the host's: fp8 in the fp8 format
             n_staging = 2 if self.cuda else 1
             self.staging = [
                 torch.empty(
@@ -175,8 +179,14 @@ class RestoreRuntime:
                 )
                 for _ in range(n_staging)
             ]
+            self.staging_scale = [torch.empty(t.shape[:2], device=self.device) for t in self.staging if pool.act_scale]
             self._slots_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
             self._pos_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
+        self.fp8 = None  # the fp8 host store's quantized copies
+        if pool.format == "fp8":
+            cache_bytes = next(iter(kv_caches.values())).element_size()
+            self.fp8 = Fp8Copies(kv_caches, num_gpu_blocks, block_size, formats.quantizes_kv("fp8", cache_bytes),
+                                 hidden if self.act_views else None, self.copy, self.device)
         self.stats = StepStats()
         self.last_loads: list[LoadSpec] = []  # the latest restore, for logs and tests
         self.last_waited: list[str] = []  # layers the latest restoring forward waited for, in order
@@ -188,13 +198,19 @@ class RestoreRuntime:
             self._init_streams()
 
     @property
+    def act_dtype(self) -> torch.dtype:
+        """The model's dtype: the capture space's rows."""
+        return next(iter(self.act_views.values())).dtype
+
+    @property
     def extra_device_bytes(self) -> int:
         """What the runtime holds on the KV cache's device beside it: capture space and its map,
         restore staging and index buffers."""
-        tensors = [*self._capture_space, *self.staging]
+        tensors = [*self._capture_space, *self.staging, *self.staging_scale]
         if self.staging:
             tensors += [self._slots_buf, self._pos_buf, self.capture_map]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        fp8 = self.fp8.device_bytes if self.fp8 is not None else 0
+        return fp8 + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _init_streams(self) -> None:
         """Streams and the per-layer events, created once (a restore or store only adds its
@@ -239,12 +255,19 @@ class RestoreRuntime:
         if kv:
             slot_idx, block_idx = (_index(list(c)) for c in zip(*kv))
             for name in self.names:
+                if self.fp8 is not None and self.fp8.kv:
+                    self.fp8.store_kv(name, self.pool.kv[name], slot_idx, block_idx)
+                    continue
                 for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
                     self.copy(dst, slot_idx, src, block_idx)
         if act:
             act_slots, act_blocks = (_index(list(c)) for c in zip(*act))
             for name in self.names:
-                self.copy(self.pool.act[name], act_slots, self.act_views[name], act_blocks)
+                if self.pool.act_scale:
+                    self.fp8.store_act(self.act_views[name], self.pool.act[name], self.pool.act_scale[name],
+                                       act_slots, act_blocks)
+                else:
+                    self.copy(self.pool.act[name], act_slots, self.act_views[name], act_blocks)
 
     def _last_store_touching(self, key: str, ids: list[int]) -> torch.cuda.Event | None:
         """The newest store in flight that reads one of these GPU blocks (key "block_ids") or
@@ -353,8 +376,8 @@ class RestoreRuntime:
             for name in self.names:
                 self._local(failed, self._copy_kv, name, *kv_idx)
                 if n_rc:
-                    self._local(failed, self.copy, self.staging[0], rc_idx[1], self.pool.act[name], rc_idx[0])
-                    self._local(failed, self._recompute, name, self._rows(0, n_rc), n_rc)
+                    self._local(failed, self._copy_act, 0, name, rc_idx)
+                    self._local(failed, self._recompute, name, *self._rows(0, n_rc), n_rc)
             if failed:
                 raise failed[0]
             self.stats.restore_seconds.append(time.perf_counter() - t0)
@@ -396,14 +419,14 @@ class RestoreRuntime:
                 if n_rc:
                     if layer >= 2:
                         self.copy_stream.wait_event(self._free[slot])
-                    self._local(failed, self.copy, self.staging[slot], rc_idx[1], self.pool.act[name], rc_idx[0])
+                    self._local(failed, self._copy_act, slot, name, rc_idx)
                     self.copy_stream.record_event(self._x_ready)
                 self._local(failed, self._copy_kv, name, *kv_idx)
                 self.copy_stream.record_event(self._kv_ready)
             with torch.cuda.stream(self.compute_stream):
                 if n_rc:
                     self.compute_stream.wait_event(self._x_ready)
-                    self._local(failed, self._recompute, name, self._rows(slot, n_rc), n_rc)
+                    self._local(failed, self._recompute, name, *self._rows(slot, n_rc), n_rc)
                     self.compute_stream.record_event(self._free[slot])
                 self.compute_stream.wait_event(self._kv_ready)
                 self.compute_stream.record_event(self._layer_done[name])
@@ -417,10 +440,23 @@ class RestoreRuntime:
             main.wait_event(end)
         return end
 
-    def _rows(self, slot: int, n: int) -> torch.Tensor:
-        """The first n activation rows in staging slot `slot`, joined across the ranks if sharded."""
+    def _copy_act(self, slot: int, name: str, rc_idx: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Host activation slots -> staging rows (with their scales in the fp8 format)."""
+        self.copy(self.staging[slot], rc_idx[1], self.pool.act[name], rc_idx[0])
+        if self.pool.act_scale:
+            self.copy(self.staging_scale[slot], rc_idx[1], self.pool.act_scale[name], rc_idx[0])
+
+    def _rows(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first n activation rows in staging slot `slot`, joined across the ranks if sharded,
+        and their scales when they are fp8 (None: plain rows). Shards are joined in the model's
+        dtype: each rank's fp8 shard has scales of its own."""
         x = self.staging[slot].view(-1, self.staging[slot].shape[-1])[:n]
-        return x if self.gather is None else self.gather(x)
+        scale = self.staging_scale[slot].view(-1)[:n] if self.staging_scale else None
+        if self.gather is None:
+            return x, scale
+        if scale is not None:
+            x = dequantize_rows(x, scale, self.act_dtype)
+        return self.gather(x), None
 
     def wait_layer(self, name: str) -> None:
         """Called before the forward reads layer `name`: order it after that layer's restore."""
@@ -447,6 +483,9 @@ class RestoreRuntime:
             self._awaiting = {}
 
     def _copy_kv(self, name: str, slots: torch.Tensor, blocks: torch.Tensor) -> None:
+        if self.fp8 is not None and self.fp8.kv:
+            self.fp8.load_kv(name, self.pool.kv[name], slots, blocks)
+            return
         for dst, src in zip(self.gpu_views[name], self.pool.kv[name]):
             self.copy(dst, blocks, src, slots)
 
@@ -470,18 +509,20 @@ class RestoreRuntime:
         self._write_index(slots, torch.arange(n) % min(rotary, default=n))
         x = self.staging[0].view(-1, self.staging[0].shape[-1]).zero_()
         width = next(iter(self.layers.values())).hidden_size
-        if x.shape[-1] != width:  # the staging holds shards; the kernel reads whole rows
-            x = torch.zeros(n, width, dtype=x.dtype, device=self.device)
+        if x.shape[-1] != width:  # the staging holds shards; the kernel reads whole rows, unscaled
+            x = torch.zeros(n, width, dtype=self.act_dtype, device=self.device)
         for tokens in largest.values():
             for name in self.names:
-                self._recompute(name, x[:tokens], tokens, tune=True)
+                scale = self.staging_scale[0].view(-1)[:tokens].fill_(1.0) if x.dtype == FP8 else None
+                self._recompute(name, x[:tokens], scale, tokens, tune=True)
                 if self.kernel == "torch":
                     return
         torch.cuda.synchronize(self.device)
         logger.info("partial_kv: K/V recompute tuned for %d token buckets up to %d tokens in %.1f s",
                     len(largest), n, time.perf_counter() - started)
 
-    def _recompute(self, name: str, x: torch.Tensor, n: int, tune: bool = False) -> None:
+    def _recompute(self, name: str, x: torch.Tensor, x_scale: torch.Tensor | None, n: int, tune: bool = False) -> None:
+        """K/V of n rows of x into the paged blocks; x_scale: x holds fp8 rows with these scales."""
         spec = self.layers[name]
         slots, positions = self._slots_buf[:n], self._pos_buf[:n]
         attn = spec.attn
@@ -510,7 +551,7 @@ class RestoreRuntime:
                     k_norm_eps=spec.k_norm.variance_epsilon if spec.k_norm is not None else 1e-6,
                     k_scale=attn._k_scale_float if scaled else None,
                     v_scale=attn._v_scale_float if scaled else None,
-                    backend="triton", tune=tune,
+                    backend="triton", tune=tune, x_scale=x_scale,
                 )
                 return
             except Exception:  # refused or failed to compile before writing anything
@@ -521,6 +562,8 @@ class RestoreRuntime:
                 self.kernel = "torch"
         # Reference path: vLLM's own modules for the norm and RoPE, and the attention backend's
         # own cache write, so every layout and cache dtype vLLM supports is handled.
+        if x_scale is not None:
+            x = dequantize_rows(x, x_scale, self.act_dtype)
         k, v = spec.project_kv(x)
         if spec.k_norm is not None:
             k = spec.k_norm(k.view(-1, heads, head)).view(-1, heads * head)

@@ -28,6 +28,7 @@ from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.ranks import TensorParallelRanks, from_first_rank
 from vllm_partial_kv.restore import RestoreRuntime, Wait
 from vllm_partial_kv.store import HostPool, ensure_room, slots_for_layout
+from vllm_partial_kv.store_format import act_dtype, kv_slot_views, slot_bytes
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -67,7 +68,11 @@ class PartialKVWorker:
         if self.with_act and self.shape.act_shards > 1:
             self._ranks = TensorParallelRanks()
         width = self.shape.hidden_size // self.shape.act_shards
-        kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
+        kv_dtype = next(iter(kv_caches.values())).dtype  # uint8 for fp8 caches: one byte either way
+        fmt = self.cfg.host_format
+        slot_views = kv_slot_views(fmt, views, kv_dtype, (self.block_size, self.shape.num_kv_heads,
+                                                            self.shape.head_size))
+        kv_bytes = sum(slot_bytes(vs) for vs in slot_views.values())
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
         layout = served_layout(self.cfg, self.with_act)
@@ -77,7 +82,7 @@ class PartialKVWorker:
         )
         rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
         on_device = self.with_act * (  # capture space, its map, staging
-            rows * len(views) * self.shape.act_bytes_per_token + 4 * num_blocks
+            rows * len(views) * self.shape.capture_bytes_per_token + 4 * num_blocks
             + staging_bytes(self.shape, self.cfg)
         )
         host = device if device.type == "cpu" else torch.device("cpu")
@@ -96,8 +101,8 @@ class PartialKVWorker:
             first = self._ranks.rank * width if self._ranks is not None else 0
             capture.bind_buffers(act_buffers, capture_map, self.block_size, first)
         act_shape = (self.block_size, width) if self.with_act else None
-        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
-                        act_slots=act_slots if layout == "act" else None)
+        pool = HostPool(num_slots, slot_views, act_shape, act_dtype(fmt, dtype), pin=device.type == "cuda",
+                        act_slots=act_slots if layout == "act" else None, fmt=fmt)
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
             self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
@@ -108,7 +113,7 @@ class PartialKVWorker:
             logger.info(
                 "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s beside "
                 "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
-                kv_bytes * num_blocks / 2**30,
+                sum(t.numel() * t.element_size() for t in kv_caches.values()) / 2**30,
             )
         if self.with_act and self.cfg.recompute_ratio is None:
             self.profiles = self._load_profiles()
