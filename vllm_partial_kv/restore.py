@@ -117,6 +117,8 @@ class _RowCopier:
         if self._memcpy is not None and (dst.is_cuda or src.is_cuda):
             copy_rows_as_bytes(self._memcpy, dst, dst_idx, src, src_idx)
         elif dst.device == src.device:
+            if dst.element_size() == 1:  # fp8 has no CPU index_copy_: copy the bytes
+                dst, src = dst.view(torch.uint8), src.view(torch.uint8)
             dst.index_copy_(0, dst_idx.to(dst.device), src[src_idx.to(src.device)])
         else:  # no batched copy available: one copy per row
             for di, si in zip(dst_idx.tolist(), src_idx.tolist()):
