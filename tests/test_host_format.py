@@ -95,6 +95,7 @@ def test_entries_record_their_format() -> None:
     index = BlockIndex(2, fmt="fp8")
     index.allocate(b"a", True)
     assert index.get(b"a").fmt == "fp8"
+    assert index.usage().fp8 == 1 and BlockIndex(2).usage().fp8 == 0  # the /metrics gauge
 
 
 def test_capacity_at_equal_cpu_bytes() -> None:

@@ -46,6 +46,7 @@ class StoreUsage:
     used: int  # slots not free: stored blocks, and dropped ones a load still reads
     pinned: int  # slots a load reads (never evicted until it ends)
     with_activations: int  # stored blocks that keep their activations (can be recomputed)
+    fp8: int = 0  # 1: the store keeps fp8 values with scales (host format "fp8"), 0: the cache's own dtypes
 
 
 class BlockIndex:
@@ -148,7 +149,7 @@ class BlockIndex:
         """Both slot kinds together (K/V slots and, with host layout "act", activations-only ones)."""
         capacity = self.num_slots + self.act_slots
         free = len(self._free[True]) + len(self._free[False])
-        return StoreUsage(capacity, capacity - free, self._pinned, self._with_act)
+        return StoreUsage(capacity, capacity - free, self._pinned, self._with_act, int(self.fmt == "fp8"))
 
     def clear(self) -> int:
         """Drop every entry, as vLLM's own CPU offloading does on reset_prefix_cache (weights may

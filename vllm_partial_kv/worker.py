@@ -28,6 +28,7 @@ from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.ranks import TensorParallelRanks, from_first_rank
 from vllm_partial_kv.restore import RestoreRuntime, Wait
 from vllm_partial_kv.store import HostPool, ensure_room, slots_for_layout
+from vllm_partial_kv.kernels.quant import describe_path
 from vllm_partial_kv.store_format import act_dtype, kv_slot_views, slot_bytes
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -103,6 +104,10 @@ class PartialKVWorker:
         act_shape = (self.block_size, width) if self.with_act else None
         pool = HostPool(num_slots, slot_views, act_shape, act_dtype(fmt, dtype), pin=device.type == "cuda",
                         act_slots=act_slots if layout == "act" else None, fmt=fmt)
+        if fmt == "fp8":
+            logger.info("partial_kv: fp8 host store: %s; quantized with %s",
+                        "K/V as the fp8 cache holds them" if kv_dtype.itemsize == 1 else "K/V per token and head",
+                        describe_path(device))
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
             self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
