@@ -327,14 +327,14 @@ class RestoreRuntime:
             main.wait_stream(self.copy_stream)
             main.wait_stream(self.compute_stream)
 
-    def _local(self, failed: list[Exception], fn: Callable[..., None], *args) -> None:
+    def _local(self, failed: list[Exception], fn: Callable[..., None], *args, **kwargs) -> None:
         """One of this rank's own steps of a restore. With activation shards the other ranks wait
         in every layer's all-gather, so after a failure the restore skips its own steps but still
         joins each gather, and raises the first failure once all of them are issued."""
         if failed:
             return
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except Exception as e:
             if self.gather is None:
                 raise
@@ -379,7 +379,7 @@ class RestoreRuntime:
                 self._local(failed, self._copy_kv, name, *kv_idx)
                 if n_rc:
                     self._local(failed, self._copy_act, 0, name, rc_idx)
-                    self._local(failed, self._recompute, name, *self._rows(0, n_rc), n_rc)
+                    self._local(failed, self._recompute, name, self._rows(0, n_rc), n_rc, **self._scales(0, n_rc))
             if failed:
                 raise failed[0]
             self.stats.restore_seconds.append(time.perf_counter() - t0)
@@ -428,7 +428,8 @@ class RestoreRuntime:
             with torch.cuda.stream(self.compute_stream):
                 if n_rc:
                     self.compute_stream.wait_event(self._x_ready)
-                    self._local(failed, self._recompute, name, *self._rows(slot, n_rc), n_rc)
+                    self._local(failed, self._recompute, name, self._rows(slot, n_rc), n_rc,
+                                **self._scales(slot, n_rc))
                     self.compute_stream.record_event(self._free[slot])
                 self.compute_stream.wait_event(self._kv_ready)
                 self.compute_stream.record_event(self._layer_done[name])
@@ -448,17 +449,21 @@ class RestoreRuntime:
         if self.pool.act_scale:
             self.copy(self.staging_scale[slot], rc_idx[1], self.pool.act_scale[name], rc_idx[0])
 
-    def _rows(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The first n activation rows in staging slot `slot`, joined across the ranks if sharded,
-        and their scales when they are fp8 (None: plain rows). Shards are joined in the model's
-        dtype: each rank's fp8 shard has scales of its own."""
+    def _rows(self, slot: int, n: int) -> torch.Tensor:
+        """The first n activation rows in staging slot `slot`, joined across the ranks if sharded.
+        Shards are joined in the model's dtype: each rank's fp8 shard has scales of its own."""
         x = self.staging[slot].view(-1, self.staging[slot].shape[-1])[:n]
-        scale = self.staging_scale[slot].view(-1)[:n] if self.staging_scale else None
         if self.gather is None:
-            return x, scale
-        if scale is not None:
-            x = dequantize_rows(x, scale, self.act_dtype)
-        return self.gather(x), None
+            return x
+        if self.staging_scale:
+            x = dequantize_rows(x, self.staging_scale[slot].view(-1)[:n], self.act_dtype)
+        return self.gather(x)
+
+    def _scales(self, slot: int, n: int) -> dict[str, torch.Tensor]:
+        """The recompute's `x_scale` for the rows `_rows` returns: their scales where they are fp8."""
+        if not self.staging_scale or self.gather is not None:
+            return {}
+        return {"x_scale": self.staging_scale[slot].view(-1)[:n]}
 
     def wait_layer(self, name: str) -> None:
         """Called before the forward reads layer `name`: order it after that layer's restore."""
@@ -516,14 +521,15 @@ class RestoreRuntime:
         for tokens in largest.values():
             for name in self.names:
                 scale = self.staging_scale[0].view(-1)[:tokens].fill_(1.0) if x.dtype == FP8 else None
-                self._recompute(name, x[:tokens], scale, tokens, tune=True)
+                self._recompute(name, x[:tokens], tokens, tune=True, x_scale=scale)
                 if self.kernel == "torch":
                     return
         torch.cuda.synchronize(self.device)
         logger.info("partial_kv: K/V recompute tuned for %d token buckets up to %d tokens in %.1f s",
                     len(largest), n, time.perf_counter() - started)
 
-    def _recompute(self, name: str, x: torch.Tensor, x_scale: torch.Tensor | None, n: int, tune: bool = False) -> None:
+    def _recompute(self, name: str, x: torch.Tensor, n: int, tune: bool = False,
+                   x_scale: torch.Tensor | None = None) -> None:
         """K/V of n rows of x into the paged blocks; x_scale: x holds fp8 rows with these scales."""
         spec = self.layers[name]
         slots, positions = self._slots_buf[:n], self._pos_buf[:n]
