@@ -243,7 +243,7 @@ def _watch_fences(llm) -> dict:
     from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
     core = _scheduler(llm)
-    connector, seen = core.connector, {"unfenced": set(), "skipped": 0}
+    connector, seen = core.connector.scheduler, {"unfenced": set(), "skipped": 0}
     build = connector.build_connector_meta
 
     def checked(scheduler_output):
@@ -352,10 +352,12 @@ def _compile_key(llm) -> str:
     the config the model was built with, in the worker."""
 
     def key(self) -> str:
+        from vllm_partial_kv import compat
+
         worker = getattr(self, "worker", self)
         # A model class without vLLM's compile decorator (StableLM on 0.26) keeps no config of its own.
         configs = (m.vllm_config for m in worker.model_runner.get_model().modules() if hasattr(m, "vllm_config"))
-        return next(configs, worker.vllm_config).compute_hash()
+        return compat.compile_key(next(configs, worker.vllm_config))
 
     return llm.collective_rpc(key)[0]
 
