@@ -45,11 +45,11 @@ def test_gpu_acceptance_smoke(tmp_path, tiny_model):
     assert sweep["0.0"]["recomputed"] == 0.0 and sweep["1.0"]["recomputed"] == 1.0
     # Recomputing from activations moves fewer bytes for this multi-head model (fp32: half per token).
     assert sweep["1.0"]["bytes_per_token"] == sweep["0.0"]["bytes_per_token"] / 2
-    # The fp8 host store's engine: fp8 values and their scales, under a third of fp32's bytes.
+    # The fp8 host store's engine: fp8 values and their scales, at most 0.55 of 16-bit bytes (head 64).
     fp8 = {str(r["split"]): r for r in parts["restore"]["rows"] if r["system"] == "plugin fp8"}
     assert set(fp8) == {"0.0", "1.0", "auto"} and fp8["1.0"]["recomputed"] == 1.0
-    assert 0 < fp8["0.0"]["bytes_per_token"] < sweep["0.0"]["bytes_per_token"] / 3
-    assert 0 < fp8["1.0"]["bytes_per_token"] < sweep["1.0"]["bytes_per_token"] / 3
+    assert 0 < fp8["0.0"]["bytes_per_token"] <= 0.55 * sweep["0.0"]["bytes_per_token"]
+    assert 0 < fp8["1.0"]["bytes_per_token"] <= 0.55 * sweep["1.0"]["bytes_per_token"]
     ((shape, tokens),) = {(r["shape"], r["T"]) for r in parts["kernel"]["rows"]}
     assert shape == "tiny" and tokens == 64
 
