@@ -67,3 +67,23 @@ def test_fp8_store_is_no_worse_than_vllms_fp8_cache(tiny_model, make_llm):  # no
     # Bytes that moved: fp8 values and their scales, under half of fp32 K/V and activations.
     fp32_bytes = totals["tokens_stored"] * 4 * (2 * 4 * 64 + 256) * 4  # K, V, and rows: 4 layers
     assert 0 < totals["bytes_to_host"] < fp32_bytes / 2, totals
+
+
+def test_fp8_staging_is_taken_from_the_kv_budget(tiny_model, tmp_path):
+    """A 7B multi-head shape on an 80 GB GPU: with the fp8 store the KV cache still keeps 97% of
+    the memory vLLM found for it, and with K/V only (nothing captured) it gives up exactly the
+    K/V quantize/dequantize staging: 4096 tokens of fp8 K/V and scales of one layer, per stream."""
+    from test_memory import _gpu_sized_config
+
+    from vllm_partial_kv.deployment import activations_wanted, kv_budget_with_activations
+
+    config = _gpu_sized_config(tiny_model, tmp_path, max_num_seqs=256, max_num_batched_tokens=2048)
+    extra = config.kv_transfer_config.kv_connector_extra_config
+    extra["host_format"] = "fp8"
+    available = 56 << 30
+    assert activations_wanted(config) and kv_budget_with_activations(config, available) >= 0.97 * available
+    extra["recompute_ratio"] = 0
+    assert not activations_wanted(config)
+    assert available - kv_budget_with_activations(config, available) == 2 * 4096 * 2 * 32 * (128 + 4)
+    extra["host_format"] = "auto"
+    assert kv_budget_with_activations(config, available) == available

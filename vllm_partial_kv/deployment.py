@@ -127,8 +127,10 @@ def kv_budget_with_activations(vllm_config, available: int) -> int:
     not from the KV cache, so the KV cache keeps almost all of it. vLLM sizes the KV cache
     without knowing about them; an explicit kv_cache_memory_bytes is left alone (the start-up
     room check then tells the user if the rest does not fit)."""
-    if vllm_config.cache_config.kv_cache_memory_bytes or not activations_wanted(vllm_config):
+    if vllm_config.cache_config.kv_cache_memory_bytes:
         return available
+    if not activations_wanted(vllm_config):  # the fp8 store's K/V staging, if it quantizes K/V
+        return max(0, available - fp8_kv_staging_bytes(vllm_config))
     extra = device_bytes(vllm_config)
     kv = max(0, available - extra)
     logger.info(
@@ -138,6 +140,17 @@ def kv_budget_with_activations(vllm_config, available: int) -> int:
         capture_blocks(vllm_config) * vllm_config.cache_config.block_size,
     )
     return kv
+
+
+def fp8_kv_staging_bytes(vllm_config) -> int:
+    """Device bytes of the fp8 host store's K/V quantize/dequantize staging (0 unless it quantizes
+    K/V); with activations kept, `staging_bytes` counts it."""
+    if not uses_this_connector(vllm_config):
+        return 0
+    shape = model_shape(vllm_config)
+    if not formats.quantizes_kv(shape.host_format, shape.kv_dtype_bytes):
+        return 0
+    return fp8_staging_bytes(shape.block_size, (shape.num_kv_heads, shape.head_size), None)
 
 
 DEFAULT_CAPTURE_TOKENS = 4096
