@@ -5,12 +5,12 @@ cache (per-tensor scale 1.0) serving the same workload without the plugin."""
 from __future__ import annotations
 
 import pytest
-
+import vllm
 from vllm import SamplingParams
 
 from test_restore import _connector_cfg, _fp8_cache_available, _kv_bytes, _prompt, _worker, make_llm  # noqa: F401
 
-TURNS, CONVERSATIONS = 3, 4
+TURNS, CONVERSATIONS = 2, 4  # 4 x 700 tokens against a cache of 2048: the second turn restores
 
 
 def _conversations(llm, sp) -> list[list[tuple[int, float]]]:
@@ -43,6 +43,8 @@ def compare(run: list, baseline: list) -> tuple[float, float]:
 
 
 @pytest.mark.skipif(not _fp8_cache_available(), reason="vLLM's CPU attention needs AVX-512 or AMX for fp8 caches")
+@pytest.mark.skipif(vllm.__version__.startswith("0.26"), reason="nothing version-specific beyond the fp8 cases of "
+                                                               "test_restore.py, which run on 0.26 too (CI time)")
 def test_fp8_store_is_no_worse_than_vllms_fp8_cache(tiny_model, make_llm):  # noqa: F811
     """Multi-head tiny model, half of each restore recomputed from fp8 activations and half
     streamed as fp8 K/V; the reference quantization is vLLM's own fp8 KV cache."""
