@@ -253,7 +253,8 @@ class HostPool:
         float32 scale each, in `act_scale`, slot for slot."""
         self.num_slots = num_slots
         self.format = fmt
-        # (layer, is K/V, shape, strides, dtype) of every view. K/V keep the device blocks' element
+        # (layer, kind, shape, strides, dtype) of every view, kind: the view's place among the layer's
+        # K/V views, "act" or "scale" (fp8 activation rows' scales). K/V keep the device blocks' element
         # order: blocks are copied as raw bytes, so a host block must read back in the device's
         # (possibly permuted) order.
         layout = []
@@ -265,8 +266,8 @@ class HostPool:
                 layout.append((name, "act", shape, _contiguous_strides(shape), act_dtype))
                 if fmt == "fp8":
                     layout.append((name, "scale", shape[:2], _contiguous_strides(shape[:2]), torch.float32))
-        # Widest elements first (a stable sort: K stays before V), so that every view starts at a
-        # multiple of its element size without padding.
+        # Widest elements first, so that every view starts at a multiple of its element size without
+        # padding (each layer's K/V views keep their given order in `kv`).
         layout.sort(key=lambda item: -item[4].itemsize)
         sizes = [math.prod(shape) * dtype.itemsize for _, _, shape, _, dtype in layout]
         self.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
