@@ -96,6 +96,20 @@ def test_entries_record_their_format() -> None:
     index.allocate(b"a", True)
     assert index.get(b"a").fmt == "fp8"
     assert index.usage().fp8 == 1 and BlockIndex(2).usage().fp8 == 0  # the /metrics gauge
+    index.allocate(b"b", True)
+    index.get(b"a").fmt = "auto"  # as if stored by another store: never a hit here
+    assert index.count_prefix_hits([b"b"]) == 1 and index.count_prefix_hits([b"a", b"b"]) == 0
+
+
+def test_a_block_is_never_read_in_another_format() -> None:
+    from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
+
+    caches = {"l0": torch.zeros(4, 2, 16, 2, 64)}
+    views = kv_slot_views("fp8", {"l0": [caches["l0"][0], caches["l0"][1]]}, torch.float32, (16, 2, 64))
+    runtime = RestoreRuntime(caches, 4, 16, HostPool(2, views, None, FP8, pin=False, fmt="fp8"), {}, {}, 64)
+    with pytest.raises(ValueError, match="stored in host format 'auto' cannot be read from a 'fp8' store"):
+        runtime.load([LoadSpec([0], [1], 0)], wait="none")
+    runtime.load([LoadSpec([0], [1], 0, fmt="fp8")], wait="none")
 
 
 def test_capacity_at_equal_cpu_bytes() -> None:

@@ -133,7 +133,7 @@ def _fp8_shards(rank: int, port: int, results) -> None:
     got = []
     rt._recompute = lambda name, x, n, tune=False, **kw: got.append((x.clone(), sorted(kw)))
     rt.store([5], [3], [0])
-    rt.load([LoadSpec([3], [5], 0, 1)], wait="none")
+    rt.load([LoadSpec([3], [5], 0, 1, fmt="fp8")], wait="none")
     results[rank] = {"rows": [x.tolist() for x, _ in got], "kwargs": [kw for _, kw in got],
                      "scales": pool.act_scale[names[0]][3].tolist(), "want": rows.tolist()}
     dist.destroy_process_group()

@@ -55,6 +55,7 @@ class LoadSpec:
     recompute_blocks: int = 0
     req_id: str = ""
     must_recompute: int = 0  # leading blocks stored without K/V (host layout "act")
+    fmt: str = "auto"  # the host format its blocks were stored in (`formats`)
 
 
 Wait = Literal["none", "layers", "whole"]
@@ -313,6 +314,10 @@ class RestoreRuntime:
         drained first: vLLM rewrites the blocks of a failed restore and must not race its copies."""
         if not loads:
             return None
+        for spec in loads:
+            if spec.fmt != self.pool.format:
+                raise ValueError(f"blocks stored in host format {spec.fmt!r} cannot be read from a "
+                                 f"{self.pool.format!r} store")
         try:
             return self._load(loads, wait)
         except BaseException:

@@ -201,6 +201,7 @@ class PartialKVScheduler:
             recompute_blocks=_leading_with_act(entries),
             req_id=req_id,
             must_recompute=_leading_with_act(entries, without_kv=True),
+            fmt=self.index.fmt,  # every entry's: a hit is only a block stored in the index's format
         )
 
     def update_connector_output(self, connector_output) -> None:

@@ -74,10 +74,11 @@ class BlockIndex:
         return block_hash in self._entries
 
     def count_prefix_hits(self, hashes: Sequence[bytes]) -> int:
-        """How many leading hashes are stored (a restore must be a contiguous prefix)."""
+        """How many leading hashes are stored in this index's format (a restore must be a contiguous
+        prefix)."""
         n = 0
         for h in hashes:
-            if h not in self._entries:
+            if h not in self._entries or self._entries[h].fmt != self.fmt:
                 break
             n += 1
         return n
