@@ -121,3 +121,12 @@ def test_capacity_at_equal_cpu_bytes() -> None:
     mha_kv = host_capacity.capacity("MHA-7B", "auto", "kv", cpu).tokens
     mha_act = host_capacity.capacity("MHA-7B", "fp8", "act", cpu).tokens
     assert mha_act >= 3.7 * mha_kv, (mha_act, mha_kv)
+
+
+@pytest.mark.parametrize("quantize_kv,act_width", [(True, 96), (True, None), (False, 96)])
+def test_fp8_staging_is_what_the_budget_counts(quantize_kv: bool, act_width: int | None) -> None:
+    from vllm_partial_kv.fp8_copies import Fp8Copies, staging_bytes
+
+    caches = {"l0": torch.zeros(4, 2, 16, 2, 64), "l1": torch.zeros(4, 2, 16, 2, 64)}
+    copies = Fp8Copies(caches, 4, 16, quantize_kv, act_width, copy=None, device=torch.device("cpu"))
+    assert copies.device_bytes == staging_bytes(16, (2, 64) if quantize_kv else None, act_width) > 0

@@ -16,18 +16,20 @@ from vllm_partial_kv import compat
 from vllm_partial_kv.kernels.quant import FP8, SCALE_DTYPE, dequantize_blocks, quantize_blocks
 
 CHUNK_TOKENS = 4096
-"""Tokens per quantize/dequantize chunk: 17 MiB of fp8 K/V staging for a multi-head 7B layer."""
+"""Tokens per quantize/dequantize chunk: 33 MiB of fp8 K/V staging per stream for a multi-head 7B
+layer, 8 MiB for a grouped-query 8B one."""
+
 
 def staging_bytes(block_size: int, kv_shape: tuple[int, int] | None, act_width: int | None) -> int:
-    """Device bytes of the two staging sets (stores, restores) `Fp8Copies` allocates; kv_shape:
-    (heads, head) when K/V are quantized."""
-    tokens = CHUNK_TOKENS // block_size * block_size
-    per_token = 0
+    """Device bytes of the staging `Fp8Copies` allocates: K/V for stores and for restores when they
+    are quantized (kv_shape: (heads, head)), activation rows for stores."""
+    tokens = max(1, CHUNK_TOKENS // block_size) * block_size
+    total = 0
     if kv_shape is not None:
-        per_token += 2 * kv_shape[0] * (kv_shape[1] * FP8.itemsize + SCALE_DTYPE.itemsize)
+        total += 2 * tokens * 2 * kv_shape[0] * (kv_shape[1] * FP8.itemsize + SCALE_DTYPE.itemsize)
     if act_width is not None:
-        per_token += act_width * FP8.itemsize + SCALE_DTYPE.itemsize
-    return 2 * tokens * per_token
+        total += tokens * (act_width * FP8.itemsize + SCALE_DTYPE.itemsize)
+    return total
 
 
 class Fp8Copies:
@@ -47,13 +49,14 @@ class Fp8Copies:
                 bufs += [torch.empty(shape, dtype=FP8, device=device) for _ in range(2)]
                 bufs += [torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device) for _ in range(2)]
             self._staging[role] = bufs
+        self._act: list[torch.Tensor] = []
         if act_width is not None:  # activation rows are stored only (restores keep them fp8)
             self._act = [torch.empty((self.chunk, block_size, 1, act_width), dtype=FP8, device=device),
                          torch.empty((self.chunk, block_size, 1), dtype=SCALE_DTYPE, device=device)]
 
     @property
     def device_bytes(self) -> int:
-        tensors = [t for bufs in self._staging.values() for t in bufs] + getattr(self, "_act", [])
+        tensors = [t for bufs in self._staging.values() for t in bufs] + self._act
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _chunks(self, slots: torch.Tensor, blocks: torch.Tensor):
