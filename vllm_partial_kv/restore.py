@@ -39,7 +39,7 @@ import torch
 from vllm_partial_kv import compat, formats
 from vllm_partial_kv.capture import LayerRecompute
 from vllm_partial_kv.fp8_copies import Fp8Copies
-from vllm_partial_kv.kernels.quant import FP8, dequantize_rows
+from vllm_partial_kv.kernels.quant import FP8, dequantize_rows, triton_fp8_ok
 from vllm_partial_kv.store import HostPool
 
 logger = logging.getLogger(__name__)
@@ -540,7 +540,8 @@ class RestoreRuntime:
         slots, positions = self._slots_buf[:n], self._pos_buf[:n]
         attn = spec.attn
         heads, head = attn.num_kv_heads, attn.head_size
-        use_triton = self.cuda and self.kernel != "torch" and spec.has_dense_weight
+        use_triton = self.cuda and self.kernel != "torch" and spec.has_dense_weight and (
+            x_scale is None or triton_fp8_ok(self.device))  # fp8 rows: e4m3 loads need sm_89+
         if use_triton:
             from vllm_partial_kv.kernels import recompute_kv
 
