@@ -71,21 +71,21 @@ def test_fp8_store_is_no_worse_than_vllms_fp8_cache(tiny_model, make_llm):  # no
     assert 0 < totals["bytes_to_host"] < fp32_bytes / 2, totals
 
 
-def test_fp8_staging_is_taken_from_the_kv_budget(tiny_model, tmp_path):
-    """A 7B multi-head shape on an 80 GB GPU: with the fp8 store the KV cache still keeps 97% of
-    the memory vLLM found for it, and with K/V only (nothing captured) it gives up exactly the
-    K/V quantize/dequantize staging: 4096 tokens of fp8 K/V and scales of one layer, per stream."""
-    from test_memory import _gpu_sized_config
+def test_fp8_staging_is_counted_by_the_room_check():
+    """A 7B multi-head shape: what the worker half makes after vLLM sized the KV cache includes the
+    fp8 store's staging: 4096 tokens of fp8 K/V and scales of one layer per stream, and with
+    activations 4096 fp8 rows and scales for stores and a chunk of rows cast for cuBLAS."""
+    from dataclasses import replace
 
-    from vllm_partial_kv.deployment import activations_wanted, kv_budget_with_activations
+    from vllm_partial_kv.config import parse_config
+    from vllm_partial_kv.deployment import fp8_late_device_bytes, late_device_bytes
+    from vllm_partial_kv.planner import ModelShape
 
-    config = _gpu_sized_config(tiny_model, tmp_path, max_num_seqs=256, max_num_batched_tokens=2048)
-    extra = config.kv_transfer_config.kv_connector_extra_config
-    extra["host_format"] = "fp8"
-    available = 56 << 30
-    assert activations_wanted(config) and kv_budget_with_activations(config, available) >= 0.97 * available
-    extra["recompute_ratio"] = 0
-    assert not activations_wanted(config)
-    assert available - kv_budget_with_activations(config, available) == 2 * 4096 * 2 * 32 * (128 + 4)
-    extra["host_format"] = "auto"
-    assert kv_budget_with_activations(config, available) == available
+    shape = ModelShape(32, 4096, 32, 128, 2, 16, host_format="fp8")
+    kv_staging = 2 * 4096 * 2 * 32 * (128 + 4)
+    assert fp8_late_device_bytes(shape, with_act=False) == kv_staging
+    assert fp8_late_device_bytes(shape, with_act=True) == kv_staging + 4096 * (4096 + 4)
+    assert fp8_late_device_bytes(replace(shape, host_format="auto"), with_act=True) == 0
+    cfg = parse_config({})
+    cast = 4096 * 4096 * 2
+    assert late_device_bytes(shape, cfg, False) == late_device_bytes(replace(shape, host_format="auto"), cfg, False) + cast

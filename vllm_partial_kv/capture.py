@@ -7,9 +7,11 @@ running. Rows live in a small capture space (blocks of block_size rows), not one
 a fixed-address int32 map from KV block to capture block (-1: not captured), rewritten in place
 before each forward, sends slot s to row map[s // block_size] * block_size + s % block_size, and
 uncaptured slots and padding to a spare last row. Under tensor parallelism a rank keeps only its
-shard of each row's columns (the shards in rank order make the row). The hooks go in right after
-the model is loaded (before vLLM's profiling run and compilation); the buffers are bound later,
-once the KV cache exists, and until then the op does nothing.
+shard of each row's columns (the shards in rank order make the row). The hooks go in, and the
+buffers are bound (`device_buffers`), right after the model is loaded: before vLLM's profiling run,
+compilation, warm-up and CUDA-graph capture, which vLLM 0.34 runs before it creates the connector.
+The map is sized from an upper bound on KV block ids known then; a block id past it goes to the
+spare row (the worker refuses a KV cache with more blocks at start-up).
 """
 
 from __future__ import annotations
@@ -71,10 +73,16 @@ _LAYERS: dict[str, LayerRecompute] = {}
 _BUFFERS: dict[str, torch.Tensor] = {}
 _MAP: list[tuple[torch.Tensor, int]] = []  # (KV block -> capture block, block size), once bound
 _COLUMNS: list[int] = [0, 0]  # this rank's columns of a row, [start, end)
+_NOT_INSTALLED: list[str] = []  # why the last install hooked nothing
 
 
 def layers() -> dict[str, LayerRecompute]:
     return _LAYERS
+
+
+def why_not_installed() -> str | None:
+    """Why the structural match refused this process's model (None: hooked, or never asked)."""
+    return _NOT_INSTALLED[0] if _NOT_INSTALLED else None
 
 
 def bind_buffers(buffers: dict[str, torch.Tensor], block_map: torch.Tensor | None = None,
@@ -93,11 +101,13 @@ def bind_buffers(buffers: dict[str, torch.Tensor], block_map: torch.Tensor | Non
 
 def capture_rows(slots: torch.Tensor, block_map: torch.Tensor, block_size: int, spare: int) -> torch.Tensor:
     """Capture-space row of each slot: its KV block's capture block and offset, or `spare` for
-    padding (slot -1) and blocks without a capture block."""
+    padding (slot -1), blocks without a capture block and blocks past the map."""
     slots = slots.to(torch.long)
-    blocks = block_map[slots.clamp(min=0) // block_size].to(torch.long)
+    kv_blocks = slots // block_size
+    outside = (slots < 0) | (kv_blocks >= block_map.shape[0])
+    blocks = block_map[kv_blocks.clamp(0, block_map.shape[0] - 1)].to(torch.long)
     rows = blocks * block_size + slots % block_size
-    return torch.where((slots < 0) | (blocks < 0), torch.full_like(rows, spare), rows)
+    return torch.where(outside | (blocks < 0), torch.full_like(rows, spare), rows)
 
 
 @torch.library.custom_op("partial_kv::capture", mutates_args=("qkv_out",))
@@ -148,22 +158,25 @@ def why_not_captured(vllm_config) -> str | None:
 
 def install(model: nn.Module, vllm_config) -> None:
     """Hook every attention block of a freshly loaded model (called by the model-loader wrap
-    when `deployment.activations_wanted`)."""
+    when `deployment.activations_wanted`). Where the structure refuses a model the configuration
+    check admitted, nothing is hooked and one warning says why: this worker then never recomputes
+    (`why_not_installed`, read by the worker half)."""
     _LAYERS.clear()
+    _NOT_INSTALLED.clear()
     try:
         matches = matcher.match_layers(model)
+        if not matches:
+            raise matcher.Mismatch("no vLLM Attention layer found to capture activations for")
+        described = {name: _describe(match) for name, match in matches.items()}
     except matcher.Mismatch as e:
-        raise RuntimeError(
-            f"partial_kv: {e}, although this model's configuration passes the check the scheduler "
-            "makes; set recompute_ratio=0 to offload plain KV for it, and please report it"
-        ) from e
-    if not matches:
-        raise RuntimeError(
-            "partial_kv: no vLLM Attention layer found to capture activations for; "
-            "set recompute_ratio=0 to offload plain KV for this model"
+        _NOT_INSTALLED.append(str(e))
+        logger.warning(
+            "partial_kv: cannot recompute from activations: %s, although this model's configuration passes "
+            "the check the scheduler makes; this worker offloads plain K/V (please report it)", e,
         )
+        return
     for name, match in matches.items():
-        _LAYERS[name] = _describe(match)
+        _LAYERS[name] = described[name]
         match.qkv_proj.register_forward_hook(_hook(name))
     first = next(iter(_LAYERS.values()))
     logger.info(
@@ -184,10 +197,10 @@ def _describe(match: matcher.Match) -> LayerRecompute:
     weight = getattr(qkv, "weight", None)
     method = type(getattr(qkv, "quant_method", None)).__name__
     if weight is None or not weight.is_floating_point() or method != "UnquantizedLinearMethod":
-        raise RuntimeError(f"partial_kv: {attn.layer_name}: its QKV projection is quantized ({method})")
+        raise matcher.Mismatch(f"{attn.layer_name}: its QKV projection is quantized ({method})")
     if qkv.output_size_per_partition != q_size + 2 * kv_size:
-        raise RuntimeError(
-            f"partial_kv: {attn.layer_name}: its QKV projection has {qkv.output_size_per_partition} "
+        raise matcher.Mismatch(
+            f"{attn.layer_name}: its QKV projection has {qkv.output_size_per_partition} "
             f"outputs, expected {q_size + 2 * kv_size}"
         )
     return LayerRecompute(

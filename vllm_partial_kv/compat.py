@@ -158,19 +158,6 @@ def compile_key(vllm_config: Any) -> str:
     return hash_factors(vllm_config.compile_factors())
 
 
-def worker_class() -> type:
-    """vLLM's worker for this platform: the GPU worker, or the CPU worker on the CPU build."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_worker import CPUWorker
-
-        return CPUWorker
-    from vllm.v1.worker.gpu_worker import Worker
-
-    return Worker
-
-
 def attention_layer_class() -> type:
     """vLLM's Attention layer (moved from vllm.attention.layer to vllm.model_executor.layers)."""
     try:
@@ -178,6 +165,29 @@ def attention_layer_class() -> type:
     except ImportError:
         from vllm.attention.layer import Attention
     return Attention
+
+
+TRANSFORMERS_BACKEND = "vllm.model_executor.models.transformers"
+"""The package of vLLM's Transformers backend (the same on 0.26 to 0.34): its classes run Hugging Face's
+attention code, not vLLM's."""
+
+
+def model_class(model_config: Any) -> str | None:
+    """`module.Class` of the model class vLLM instantiates, from its registry entry for the architecture
+    it resolved (`model_config.architecture`), without importing it: the Transformers backend's class
+    where vLLM serves the family through it (GPT-NeoX and Phi-2 on 0.32, StableLM on 0.34, any model
+    with `model_impl="transformers"`), a plugin's class where one registered the name. None where the
+    registry has no entry under that name (vLLM then converted or adapted the class)."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    registry = getattr(model_config, "registry", None) or ModelRegistry  # with the config's overrides
+    entry = registry.models.get(model_config.architecture)
+    if entry is None:
+        return None
+    cls = getattr(entry, "model_cls", None)  # a class registered as a class, not by name
+    if cls is not None:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{entry.module_name}.{entry.class_name}"
 
 
 def rotary_classes() -> tuple[type, type, type]:
@@ -191,21 +201,6 @@ def rotary_classes() -> tuple[type, type, type]:
 
     root = getattr(rotary_base, "RotaryEmbeddingBase", RotaryEmbedding)
     return RotaryEmbedding, root, Phi3LongRoPEScaledRotaryEmbedding
-
-
-def wrap_kv_budget(adjust: Callable[[Any, int], int]) -> None:
-    """Pass the KV cache budget the worker measured through `adjust(vllm_config, bytes)` before
-    vLLM sizes the KV cache from it."""
-    worker_cls = worker_class()
-    original = worker_cls.determine_available_memory
-    if getattr(original, "_partial_kv_wrapped", False):
-        return
-
-    def determine_available_memory(self) -> int:
-        return adjust(self.vllm_config, original(self))
-
-    determine_available_memory._partial_kv_wrapped = True  # type: ignore[attr-defined]
-    worker_cls.determine_available_memory = determine_available_memory  # type: ignore[method-assign]
 
 
 def block_views(kv_cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:

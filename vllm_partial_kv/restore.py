@@ -143,7 +143,12 @@ class RestoreRuntime:
         kernel: str = "auto",
         capture_map: torch.Tensor | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        staging: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None,
+        staging_scale: list[torch.Tensor] | None = None,
     ) -> None:
+        """`staging`: the staging buffers and the recomputed tokens' slot and position buffers made
+        at model load (`device_buffers`), for max_recompute_tokens; None: allocated here (a runtime
+        without an engine). `staging_scale`: with the fp8 host format, the staged rows' scales."""
         self.kv_caches = kv_caches
         self.gather = gather  # activation shards of every rank -> whole rows; None: rows are whole
         self.names = list(kv_caches)
@@ -170,7 +175,15 @@ class RestoreRuntime:
         self.max_recompute_tokens = max_recompute_tokens - max_recompute_tokens % block_size
         self.staging: list[torch.Tensor] = []
         self.staging_scale: list[torch.Tensor] = []  # fp8 rows' scales, one per row
-        if self.act_views:
+        if self.act_views and staging is not None:
+            self.staging, self._slots_buf, self._pos_buf = staging
+            self.staging_scale = staging_scale or []
+            if self._slots_buf.shape[0] < self.max_recompute_tokens:
+                raise ValueError(f"staging for {self._slots_buf.shape[0]} tokens, {self.max_recompute_tokens} asked")
+            if self.staging[0].dtype != next(iter(pool.act.values())).dtype or bool(pool.act_scale) != bool(
+                    self.staging_scale):
+                raise ValueError(f"{self.staging[0].dtype} staging cannot hold the host store's {pool.format} rows")
+        elif self.act_views:
             hidden = next(iter(self.act_views.values())).shape[-1]
             dtype = next(iter(pool.act.values())).dtype  # the host's: fp8 in the fp8 format
             n_staging = 2 if self.cuda else 1
@@ -189,7 +202,8 @@ class RestoreRuntime:
         if pool.format == "fp8":
             cache_bytes = next(iter(kv_caches.values())).element_size()
             self.fp8 = Fp8Copies(kv_caches, num_gpu_blocks, block_size, formats.quantizes_kv("fp8", cache_bytes),
-                                 hidden if self.act_views else None, self.copy, self.device)
+                                 next(iter(self.act_views.values())).shape[-1] if self.act_views else None,
+                                 self.copy, self.device)
         self.stats = StepStats()
         self.last_loads: list[LoadSpec] = []  # the latest restore, for logs and tests
         self.last_waited: list[str] = []  # layers the latest restoring forward waited for, in order

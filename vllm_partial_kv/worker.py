@@ -17,18 +17,18 @@ from dataclasses import replace
 
 import torch
 
-from vllm_partial_kv import capture, compat, planner
+from vllm_partial_kv import capture, compat, device_buffers, planner
 from vllm_partial_kv.config import PartialKVConfig
 from vllm_partial_kv.deployment import (
-    capture_blocks, model_shape, over_ranks, planning_shape, served_layout, staging_bytes,
+    fp8_late_device_bytes, late_device_bytes, model_shape, over_ranks, planning_shape, served_layout,
 )
 from vllm_partial_kv.faults import RestoreFaults
+from vllm_partial_kv.kernels.quant import describe_path
 from vllm_partial_kv.metadata import PartialKVMetadata
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.ranks import TensorParallelRanks, from_first_rank
 from vllm_partial_kv.restore import RestoreRuntime, Wait
 from vllm_partial_kv.store import HostPool, ensure_room, slots_for_layout
-from vllm_partial_kv.kernels.quant import describe_path
 from vllm_partial_kv.store_format import act_dtype, kv_slot_views, slot_bytes
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -47,27 +47,42 @@ class PartialKVWorker:
         self._faults = RestoreFaults.from_env()  # the documented test hook (faults.py)
         self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
         self._ranks: TensorParallelRanks | None = None  # with activation shards, once caches exist
+        self.recomputes = with_act  # False where capture hooked nothing (set with the KV caches)
         self._stats = PartialKVStats()
         self.totals = PartialKVStats()  # since start-up, for logs and tests
 
     # ============================================================================= worker half
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Takes over the device buffers made at model load (`device_buffers`: the capture op has
+        written into them since, in every warm-up step and recorded graph) and allocates the host
+        store. vLLM may call this only after compiling, warming up and recording CUDA graphs
+        (0.34's extensible KV cache), with the KV cache already sized: what is still allocated on
+        the device now is checked against what is left."""
         vllm_config = self._vllm_config
         num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())))
         layers = capture.layers() if self.with_act else {}
-        if self.with_act and set(layers) != set(kv_caches):
+        # The structural match refused the model (capture.install warned, nothing was hooked or
+        # made at model load): the scheduler still plans with activations, so the host layout and
+        # slots stay its own, with activation slots that are never read; this worker never recomputes.
+        self.recomputes = self.with_act and (bool(layers) or capture.why_not_installed() is None)
+        buffers = device_buffers.current() if self.with_act else None
+        if self.with_act and not self.recomputes:
+            buffers = device_buffers.allocate(vllm_config, list(kv_caches), next(iter(kv_caches.values())).device)
+        made = set(buffers.capture) if buffers is not None else set()
+        if self.recomputes and not set(layers) == made == set(kv_caches):
             raise RuntimeError(
-                "partial_kv: activation capture hooks were not installed for every attention "
-                "layer (is the vllm_partial_kv plugin loaded?)"
+                "partial_kv: activation capture hooks and buffers were not set up at model load for "
+                "every attention layer (is the vllm_partial_kv plugin loaded?)"
             )
+        if buffers is not None:
+            buffers.check_fits(num_blocks, self.block_size)
         device = next(iter(kv_caches.values())).device
         dtype = vllm_config.model_config.dtype
         views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
         self.shape = model_shape(vllm_config)
         self.plan_shape = planning_shape(vllm_config)
         # Activation shards: this rank keeps its 1/TP of each row's columns, and restores join them.
-        if self.with_act and self.shape.act_shards > 1:
-            self._ranks = TensorParallelRanks()
+        self._ranks = buffers.ranks if buffers is not None else None
         width = self.shape.hidden_size // self.shape.act_shards
         kv_dtype = next(iter(kv_caches.values())).dtype  # uint8 for fp8 caches: one byte either way
         fmt = self.cfg.host_format
@@ -81,26 +96,14 @@ class PartialKVWorker:
             self.cfg.cpu_bytes, over_ranks(vllm_config, kv_bytes, len(views)),
             over_ranks(vllm_config, act_bytes, len(views)), layout,
         )
-        rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
-        on_device = self.with_act * (  # capture space, its map, staging
-            rows * len(views) * self.shape.capture_bytes_per_token + 4 * num_blocks
-            + staging_bytes(self.shape, self.cfg)
-        )
+        profiling = self.recomputes and self.cfg.recompute_ratio is None
         host = device if device.type == "cpu" else torch.device("cpu")
-        needs = {device: on_device}
+        needs = {device: self.with_act * late_device_bytes(self.shape, self.cfg, profiling)
+                 + fp8_late_device_bytes(self.shape, self.with_act)}
         needs[host] = needs.get(host, 0) + num_slots * kv_bytes + act_bytes * (
             act_slots if layout == "act" else num_slots * (layout == "kv+act")
         )
         ensure_room(needs)
-        act_buffers, capture_map = {}, None
-        if self.with_act:
-            act_buffers = {n: torch.zeros(rows, width, dtype=dtype, device=device) for n in kv_caches}
-            capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
-            if self._ranks is not None:
-                self._ranks.reserve(self.cfg.max_recompute_tokens, width, dtype, device)
-            # The ranks' shards, in rank order, make a row (the order the join puts them in).
-            first = self._ranks.rank * width if self._ranks is not None else 0
-            capture.bind_buffers(act_buffers, capture_map, self.block_size, first)
         act_shape = (self.block_size, width) if self.with_act else None
         pool = HostPool(num_slots, slot_views, act_shape, act_dtype(fmt, dtype), pin=device.type == "cuda",
                         act_slots=act_slots if layout == "act" else None, fmt=fmt)
@@ -109,18 +112,20 @@ class PartialKVWorker:
                         "K/V as the fp8 cache holds them" if kv_dtype.itemsize == 1 else "K/V per token and head",
                         describe_path(device))
         self.runtime = RestoreRuntime(
-            kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
-            self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
+            kv_caches, num_blocks, self.block_size, pool, buffers.capture if buffers else {}, layers,
+            self.cfg.max_recompute_tokens, self.cfg.kernel, buffers.block_map if buffers else None,
             gather=self._ranks.gather if self._ranks else None,
+            staging=(buffers.staging, buffers.slots, buffers.positions) if buffers else None,
+            staging_scale=buffers.staging_scale if buffers else None,
         )
         self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
         if self.with_act:
             logger.info(
-                "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s beside "
-                "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
-                sum(t.numel() * t.element_size() for t in kv_caches.values()) / 2**30,
+                "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s (made at "
+                "model load) beside a KV cache of %.2f GiB", buffers.capture[next(iter(made))].shape[0] - 1,
+                buffers.nbytes / 2**20, device, sum(t.numel() * t.element_size() for t in kv_caches.values()) / 2**30,
             )
-        if self.with_act and self.cfg.recompute_ratio is None:
+        if profiling:
             self.profiles = self._load_profiles()
 
     def _load_profiles(self) -> dict[bool, planner.Profile]:
@@ -167,6 +172,10 @@ class PartialKVWorker:
     def start_load_kv(self, meta, forward_context) -> None:
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
+        if not self.recomputes:
+            meta = self._refuse_activations_only(meta)
+            if not meta.loads:
+                return
         wait: Wait = "none"
         if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
@@ -209,6 +218,18 @@ class PartialKVWorker:
         if self.cfg.async_load:
             self._loading.update(dict.fromkeys((spec.req_id for spec in meta.loads), done))
 
+    def _refuse_activations_only(self, meta: PartialKVMetadata) -> PartialKVMetadata:
+        """Without capture, restores whose leading blocks are kept without K/V (host layout "act")
+        cannot be served here: reported as load errors at once, so that vLLM computes them."""
+        refused = [spec for spec in meta.loads if spec.must_recompute]
+        if not refused:
+            return meta
+        self._failed_blocks |= {b for spec in refused for b in spec.block_ids}
+        self.runtime.stats.failed_restores += len(refused)
+        if self.cfg.async_load:
+            self._loading.update(dict.fromkeys((spec.req_id for spec in refused), None))
+        return replace(meta, loads=[spec for spec in meta.loads if not spec.must_recompute])
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Asynchronous loads whose restore has completed on the device."""
         done = {r for r, event in self._loading.items() if event is None or event.query()}
@@ -235,7 +256,7 @@ class PartialKVWorker:
                 "blocks from now on (restart to profile it)", self.runtime.kernel,
             )
             self.cfg = replace(self.cfg, recompute_ratio=0.0)
-        if not self.with_act:
+        if not self.recomputes:
             split = [0] * len(loads)
         else:
             profile = self.profiles.get(meta.busy and wait == "none")
