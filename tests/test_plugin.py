@@ -169,7 +169,7 @@ def test_split_per_restore_mode(caplog):
     shape = ModelShape(32, 4096, 32, 128, 2, 16, forward_ratio=6.0)
     idle = Profile(25e9, ((1024, 1024 * 4 * 4096 * 4096 / 30e12),))
     worker = SimpleNamespace(
-        with_act=True, plan_shape=shape, cfg=PartialKVConfig(), _profiled_kernel="auto",
+        with_act=True, recomputes=True, plan_shape=shape, cfg=PartialKVConfig(), _profiled_kernel="auto",
         runtime=SimpleNamespace(max_recompute_tokens=1 << 20, kernel="auto"),
         profiles={False: idle, True: dataclasses.replace(idle, busy_factor=3.0)},
     )
