@@ -62,7 +62,8 @@ def main() -> None:
     cpu_bytes = parser.parse_args().cpu_mib << 20
     print(f"cpu_bytes = {cpu_bytes >> 20} MiB per store; x: tokens held / the 16-bit K/V store's (format auto, "
           "layout kv)\n")
-    print("| shape | format | layout | bytes per token (all layers) | tokens per host GiB | x |\n|---|---|---|---|---|---|")
+    print("| shape | format | layout | bytes per token (all layers) | tokens per host GiB | x |")
+    print("|---|---|---|---|---|---|")
     for shape_name in SHAPES:
         base = capacity(shape_name, "auto", "kv", cpu_bytes).tokens
         for fmt in FORMATS:

@@ -110,7 +110,8 @@ def test_acceptance_verdicts_against_the_targets():
            for r in shape("mha7b", 0.5, 0.1, 0.2)[1:] + shape("gqa8b", 0.2, 0.1, 0.1)[1:]]
     summary = acc.restore_summary({"results": results + fp8}, smoke=False)
     fp8_verdicts = {v["target"].split(":")[0]: v for v in summary["verdicts"] if "fp8" in v["target"]}
-    assert {k: (v["value"], v["pass"]) for k, v in fp8_verdicts.items()} == {"mha7b": (0.4, False), "gqa8b": (0.5, True)}
+    assert {k: (v["value"], v["pass"]) for k, v in fp8_verdicts.items()} == {
+        "mha7b": (0.4, False), "gqa8b": (0.5, True)}
     assert "mha7b: no result of the fp8 host store" in acc.restore_summary({"results": results}, False)["notes"]
 
     rows = [{"shape": "MHA-7B", "T": t, "fused_ms": 1.0, "mode": "split", "one_pass_ms": 1.3, "split_ms": split,

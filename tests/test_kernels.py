@@ -252,7 +252,8 @@ def test_tma_loads(name: str, heads: int, monkeypatch: pytest.MonkeyPatch) -> No
 
 def prune_args(**overrides) -> dict:
     """What the autotuner hands `_prune` for a bf16, head-128 layer whose operands allow TMA."""
-    return {"x_ptr": torch.empty(0, dtype=torch.bfloat16), "wk_ptr": torch.empty(0, dtype=torch.bfloat16), "HEAD_PAD": 128, "num_kv_heads": 8, "t_bucket": 1 << 16,
+    return {"x_ptr": torch.empty(0, dtype=torch.bfloat16), "wk_ptr": torch.empty(0, dtype=torch.bfloat16),
+            "HEAD_PAD": 128, "num_kv_heads": 8, "t_bucket": 1 << 16,
             "tma_ok": 1, **overrides}
 
 
