@@ -52,6 +52,9 @@ GPU_ENGINES = ["llama2:auto:plugin", "llama2:auto:baseline", "qwen3:auto:plugin"
 SMOKE_ENGINES = ["llama2:auto:plugin,llama2:auto:baseline,llama2:fp8:plugin,llama2:auto:plugin-vllm-sized"]
 RATIOS = "auto,0,1,0.5,0.25,0.75"
 NATIVE_TARGET = {"mha7b": 0.55, "gqa8b": 1.03}  # plugin auto restore time / native's
+# The fp8 host store's rows, restore time / native's: (split, limit, what it shows)
+FP8_TARGET = {"gqa8b": ("auto", 0.55, "K/V in fp8"),
+              "mha7b": (1.0, 0.35, "activations in fp8, every block recomputed (as host layout act)")}
 SPLIT_SLACK = 1.10  # auto within 10% of the sweep's best
 KERNEL_TOKENS = (4096, 16384)
 GEMM_SHARE = 0.85  # cuBLAS + epilogue throughput / bare GEMM's
@@ -142,7 +145,10 @@ def restore_summary(data: dict | None, smoke: bool) -> dict:
     results = (data or {}).get("results", [])
     for shape in dict.fromkeys(r["shape"] for r in results):
         native = next((r for r in results if r["shape"] == shape and r["system"] == "native"), None)
-        partial = next((r for r in results if r["shape"] == shape and r["system"] == "partial"), None)
+        partial = next((r for r in results if r["shape"] == shape and r["system"] == "partial"
+                        and r.get("host_format", "auto") == "auto"), None)
+        fp8 = next((r for r in results if r["shape"] == shape and r["system"] == "partial"
+                    and r.get("host_format") == "fp8"), None)
         base = None
         if native:
             restore = native["cpu_hit_s"] - native["gpu_hit_s"]
@@ -157,7 +163,22 @@ def restore_summary(data: dict | None, smoke: bool) -> dict:
                          "gpu_hit_s": partial["gpu_hit_s"], "restore_s": restore,
                          "vs_native": restore / base if base else None,
                          "bytes_per_token": e.get("bytes_per_token"), "recomputed": e["recompute_fraction"]})
-        auto = next((r for r in rows if r["shape"] == shape and r["split"] == "auto"), None)
+        for e in (fp8 or {}).get("sweep", []):
+            restore = e["cpu_hit_s"] - fp8["gpu_hit_s"]
+            rows.append({"shape": shape, "system": "plugin fp8", "split": e["ratio"], "turn_s": e["cpu_hit_s"],
+                         "gpu_hit_s": fp8["gpu_hit_s"], "restore_s": restore,
+                         "vs_native": restore / base if base else None,
+                         "bytes_per_token": e.get("bytes_per_token"), "recomputed": e["recompute_fraction"]})
+        if shape in FP8_TARGET and not fp8 and not smoke:
+            notes.append(f"{shape}: no result of the fp8 host store")
+        if shape in FP8_TARGET and fp8:
+            split, limit, what = FP8_TARGET[shape]
+            row = next((r for r in rows if r["shape"] == shape and r["system"] == "plugin fp8" and r["split"] == split),
+                       None)
+            value = row and row["vs_native"]
+            verdicts.append(_verdict(f"{shape}: fp8 host store, {what} (split {split}): restore time / native's",
+                                     value, f"<= {limit}", value is not None and value <= limit))
+        auto = next((r for r in rows if r["shape"] == shape and r["system"] == "plugin" and r["split"] == "auto"), None)
         fixed = [r["restore_s"] for r in rows
                  if r["shape"] == shape and r["system"] == "plugin" and r["split"] != "auto"]
         if shape in NATIVE_TARGET:
@@ -337,7 +358,7 @@ def plan_correctness(run: Run, budget: float) -> Plan:
 def plan_restore(run: Run, budget: float) -> Plan:
     result = run.out / "restore.json"
     cmd = [sys.executable, str(HERE / "restore.py"), "--out", str(result), "--ratios", RATIOS,
-           "--budget-s", str(budget - 10)]
+           "--budget-s", str(budget - 10), "--formats", "auto,fp8"]
     if run.args.smoke:
         print(f"   native offloading skipped: {NO_NATIVE_ON_CPU}", flush=True)
         cmd += ["--smoke", "--eager", "--model", str(run.tiny("llama2"))]

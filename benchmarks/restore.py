@@ -6,7 +6,10 @@ a child process starts vLLM and measures, for the same prompts:
   gpu     a GPU prefix-cache hit,
   cpu     a CPU hit: the GPU prefix cache is reset, so every block is restored from the host.
 The figure of merit is the extra time of a CPU hit over a GPU hit. Partial recompute is swept
-over fixed ratios and "auto" within one engine (the split is chosen per batch on the worker).
+over fixed ratios and "auto" within one engine (the split is chosen per batch on the worker);
+with `--formats auto,fp8` a second engine runs with the fp8 host store (`host_format` "fp8") over
+the ratios that give its acceptance rows: "auto" (grouped-query: fp8 K/V), 0 and 1 (every block
+recomputed from fp8 activations, as host layout "act" restores).
 
     python benchmarks/restore.py --out results/restore.json            # GPU: MHA-7B and GQA-8B
     python benchmarks/restore.py --smoke                               # CPU: tiny model, CI
@@ -39,6 +42,7 @@ SHAPES = {
 }
 # The planner's pick and the two ends first: a sweep cut off by the time budget keeps them.
 RATIOS = ["auto", 0.0, 1.0, 0.5, 0.25, 0.75]
+FP8_RATIOS = ("auto", 0.0, 1.0)
 
 
 def kv_act_bytes(model: Path, elem: int) -> tuple[int, int]:
@@ -99,7 +103,8 @@ def child(args) -> None:
         )
     else:
         extra = {"cpu_bytes": int(args.cpu_gib * gib), "recompute_ratio": 1.0,
-                 "max_recompute_tokens": args.seqs * args.tokens, "async_load": not args.sync_load}
+                 "max_recompute_tokens": args.seqs * args.tokens, "async_load": not args.sync_load,
+                 "host_format": args.host_format}
         kv_cfg = KVTransferConfig(
             kv_connector="PartialRecomputeConnector", kv_role="kv_both",
             kv_connector_module_path="vllm_partial_kv.connector", kv_connector_extra_config=extra,
@@ -131,6 +136,7 @@ def child(args) -> None:
 
     kv_bytes, _ = kv_act_bytes(Path(args.model), 2 if cuda else 4)
     out = {"system": args.system, "shape": args.shape, "tokens": args.seqs * args.tokens,
+           "host_format": args.host_format if args.system == "partial" else "auto",
            "async_load": args.system == "native" or not args.sync_load, "eager": args.eager,
            "kv_bytes_per_token": kv_bytes, "cpu_gib": args.cpu_gib, "gpu_kv_gib": args.gpu_kv_gib,
            "startup_s": round(time.perf_counter() - t0, 1)}
@@ -177,13 +183,17 @@ def parent(args, t_start: float) -> None:
         from vllm_partial_kv.tiny_models import make_tiny_model
 
         model = args.model or str(make_tiny_model(root / "tiny", "llama2"))
-        jobs = [("tiny", model, "partial")]
+        jobs = [("tiny", model, "partial", fmt) for fmt in args.formats.split(",")]
     else:
         if not cuda:
             sys.exit("error: the full benchmark needs a GPU; use --smoke on a CPU machine")
-        jobs = [(s, str(write_config(root, s)), system) for s in args.shapes.split(",")
-                for system in ("native", "partial")]
-    for shape, model, system in jobs:
+        # Native and the lossless plugin of every shape first: other formats come after them, so that a
+        # run cut off by the budget keeps the baseline rows.
+        shapes = {s: str(write_config(root, s)) for s in args.shapes.split(",")}
+        formats = args.formats.split(",")
+        jobs = [(s, model, system, fmt) for fmt in formats for s, model in shapes.items()
+                for system in (("native", "partial") if fmt == formats[0] else ("partial",))]
+    for shape, model, system, fmt in jobs:
         left = args.budget_s - (time.time() - t_start)
         if left <= 0:
             print(f"time budget spent: skipping {shape}/{system}", flush=True)
@@ -192,10 +202,11 @@ def parent(args, t_start: float) -> None:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--shape", shape,
                "--system", system, "--seqs", str(args.seqs), "--tokens", str(args.tokens),
                "--cpu-gib", str(args.cpu_gib or cpu_gib), "--gpu-kv-gib", str(args.gpu_kv_gib or gpu_kv_gib),
-               "--repeats", str(args.repeats), "--ratios", ",".join(map(str, args.ratios))] + (
+               "--repeats", str(args.repeats), "--host-format", fmt,
+               "--ratios", ",".join(str(r) for r in args.ratios if fmt == "auto" or r in FP8_RATIOS)] + (
                    ["--eager"] if args.eager else []) + (["--sync-load"] if args.sync_load else [])
         t0 = time.time()
-        print(f"{shape}/{system}: starting ({left:.0f} s of the budget left)", flush=True)
+        print(f"{shape}/{system}/{fmt}: starting ({left:.0f} s of the budget left)", flush=True)
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=left)
@@ -262,7 +273,8 @@ def summarize(results: list[dict]) -> str:
             extra = e["cpu_hit_s"] - r["gpu_hit_s"]
             vs = f"{extra / base:.2f}x" if base else "-"
             gb = f"{e['bytes_to_device'] / 1e9:.2f}" if "bytes_to_device" in e else "-"
-            rows.append(f"| {r['shape']} | {r['system']} | {e['ratio']} | {e['cpu_hit_s']:.3f} | "
+            system = r["system"] + (" fp8" if r.get("host_format") == "fp8" else "")
+            rows.append(f"| {r['shape']} | {system} | {e['ratio']} | {e['cpu_hit_s']:.3f} | "
                         f"{r['gpu_hit_s']:.3f} | {extra:.3f} | {vs} | {e['recompute_fraction']:.2f} | {gb} |")
     return "\n".join(rows)
 
@@ -284,7 +296,8 @@ def plot(results: list[dict], path: Path) -> bool:
             continue
         fixed = [e for e in r["sweep"] if e["ratio"] != "auto"]
         line, = ax.plot([e["recompute_fraction"] for e in fixed],
-                        [(e["cpu_hit_s"] - r["gpu_hit_s"]) * 1e3 for e in fixed], "o-", label=f"{r['shape']} partial")
+                        [(e["cpu_hit_s"] - r["gpu_hit_s"]) * 1e3 for e in fixed], "o-",
+                        label=f"{r['shape']} partial{' fp8' if r.get('host_format') == 'fp8' else ''}")
         for e in r["sweep"]:
             if e["ratio"] == "auto":
                 ax.plot([e["recompute_fraction"]], [(e["cpu_hit_s"] - r["gpu_hit_s"]) * 1e3], "*",
@@ -315,6 +328,8 @@ def main() -> None:
     p.add_argument("--gpu-kv-gib", type=float, help="GPU KV cache size (default: what the prompts need)")
     p.add_argument("--ratios", type=_ratios, default=RATIOS, help="partial recompute sweep, e.g. auto,0,1")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--formats", default="auto", help="host formats of the plugin's engines, e.g. auto,fp8")
+    p.add_argument("--host-format", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--eager", action="store_true", help="skip torch.compile and CUDA graphs")
     p.add_argument("--budget-s", type=float, default=480,
                    help="stop here: later engines are skipped, the running one keeps what it measured")

@@ -11,7 +11,8 @@ systems see identical prompts. The client is vLLM's own benchmark client
 
 Systems: `none` (no offloading), `native` (vLLM's `--kv-offloading-backend native`; CUDA only:
 vLLM refuses it on the CPU platform), `partial-auto` (this plugin, planner picks the split),
-`partial-r0` (this plugin, `recompute_ratio` 0: plain KV offload through the plugin).
+`partial-r0` (this plugin, `recompute_ratio` 0: plain KV offload through the plugin), `partial-fp8`
+(this plugin, planner's split, `host_format` fp8).
 
 Per system and round: TTFT p50/p90/p99, inter-token latency p50/p90, output throughput, prefix-cache
 hit rates from vLLM's own `/metrics` (GPU prefix cache and the connector's "external" one), and
@@ -48,7 +49,7 @@ from restore import SHAPES, _device, write_config  # noqa: E402
 
 from vllm_partial_kv.server import Server, free_port, metric_sum  # noqa: E402
 
-SYSTEMS = ("none", "native", "partial-auto", "partial-r0")
+SYSTEMS = ("none", "native", "partial-auto", "partial-r0", "partial-fp8")
 PROM = {  # key in the results -> vLLM metric (counters, read as per-round deltas)
     "prefix_queries": "vllm:prefix_cache_queries_total",
     "prefix_hits": "vllm:prefix_cache_hits_total",
@@ -111,7 +112,8 @@ def server_command(args, system: str, model: Path, port: int) -> list[str] | str
         return cmd + ["--kv-offload", "none", "--kv-offloading-backend", "native",
                       "--kv-offloading-size", str(args.cpu_gib)]
     cmd += ["--kv-offload", "partial-recompute", "--kv-offload-size", str(args.cpu_gib)]
-    return cmd + (["--recompute-ratio", "0"] if system == "partial-r0" else [])
+    return cmd + (["--recompute-ratio", "0"] if system == "partial-r0" else []) + (
+        ["--host-format", "fp8"] if system == "partial-fp8" else [])
 
 
 def scrape(server: Server) -> dict[str, float]:

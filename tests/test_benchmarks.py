@@ -45,11 +45,16 @@ def test_gpu_acceptance_smoke(tmp_path, tiny_model):
 
     # The restore part: the plugin's sweep (native offloading refuses the CPU platform).
     assert "native offloading skipped" in proc.stdout
-    sweep = {str(r["split"]): r for r in parts["restore"]["rows"]}
+    sweep = {str(r["split"]): r for r in parts["restore"]["rows"] if r["system"] == "plugin"}
     assert set(sweep) == {"0.0", "0.25", "0.5", "0.75", "1.0", "auto"}
     assert sweep["0.0"]["recomputed"] == 0.0 and sweep["1.0"]["recomputed"] == 1.0
     # Recomputing from activations moves fewer bytes for this multi-head model (fp32: half per token).
     assert sweep["1.0"]["bytes_per_token"] == sweep["0.0"]["bytes_per_token"] / 2
+    # The fp8 host store's engine: fp8 values and their scales, at most 0.55 of 16-bit bytes (head 64).
+    fp8 = {str(r["split"]): r for r in parts["restore"]["rows"] if r["system"] == "plugin fp8"}
+    assert set(fp8) == {"0.0", "1.0", "auto"} and fp8["1.0"]["recomputed"] == 1.0
+    assert 0 < fp8["0.0"]["bytes_per_token"] <= 0.55 * sweep["0.0"]["bytes_per_token"]
+    assert 0 < fp8["1.0"]["bytes_per_token"] <= 0.55 * sweep["1.0"]["bytes_per_token"]
     ((shape, tokens),) = {(r["shape"], r["T"]) for r in parts["kernel"]["rows"]}
     assert shape == "tiny" and tokens == 64
 
@@ -99,6 +104,15 @@ def test_acceptance_verdicts_against_the_targets():
     assert [v["pass"] for v in slow_pick] == [True, False]  # 0.54x native, but 1.35x the sweep's best
     no_native = acc.restore_summary({"results": shape("mha7b", 0.5, 0.25, 0.24)[1:]}, smoke=True)["verdicts"]
     assert no_native[0]["pass"] is None and no_native[0]["value"] is None
+    # The fp8 host store's rows: grouped-query K/V (split auto), multi-head all recomputed (split 1.0).
+    fp8 = [{**r, "host_format": "fp8", "sweep": [{**e, "ratio": 1.0 if e["ratio"] == 0.5 else e["ratio"]}
+                                                 for e in r["sweep"]]}
+           for r in shape("mha7b", 0.5, 0.1, 0.2)[1:] + shape("gqa8b", 0.2, 0.1, 0.1)[1:]]
+    summary = acc.restore_summary({"results": results + fp8}, smoke=False)
+    fp8_verdicts = {v["target"].split(":")[0]: v for v in summary["verdicts"] if "fp8" in v["target"]}
+    assert {k: (v["value"], v["pass"]) for k, v in fp8_verdicts.items()} == {
+        "mha7b": (0.4, False), "gqa8b": (0.5, True)}
+    assert "mha7b: no result of the fp8 host store" in acc.restore_summary({"results": results}, False)["notes"]
 
     rows = [{"shape": "MHA-7B", "T": t, "fused_ms": 1.0, "mode": "split", "one_pass_ms": 1.3, "split_ms": split,
              "gemm_ms": 0.86, "config": "-"} for t, split in ((1024, 2.0), (4096, 1.0), (16384, 1.02))]

@@ -53,6 +53,11 @@ def test_serve_defaults_and_hub_ids(capsys):
         "cpu_bytes": 4 << 30, "recompute_ratio": "auto"}
 
 
+def test_serve_host_format(capsys):
+    cmd = _dry_run(capsys, "org/model", "--kv-offload", "partial-recompute", "--host-format", "fp8")
+    assert _transfer_config(cmd)["kv_connector_extra_config"]["host_format"] == "fp8"
+
+
 def test_serve_without_offload_passes_user_connector_through(tmp_path, capsys):
     own = '{"kv_connector":"OffloadingConnector","kv_role":"kv_both"}'
     cmd = _dry_run(capsys, str(tmp_path), "--kv-offload", "none", "--kv-transfer-config", own)
@@ -72,6 +77,8 @@ def test_serve_without_offload_passes_user_connector_through(tmp_path, capsys):
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-offload-size", "1e-12"],
     ["profile", "{model}", "--tensor-parallel-size", "0"],
     ["serve", "{model}", "--kv-offload", "none", "--recompute-ratio", "0.5"],
+    ["serve", "{model}", "--kv-offload", "none", "--host-format", "fp8"],
+    ["serve", "{model}", "--kv-offload", "partial-recompute", "--host-format", "fp4"],
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-transfer-config", "{}"],
     ["serve", "{model}", "--kv-offload", "partial-recompute", "--kv-transfer-config={}"],
     ["serve", "{model}", "--kv-offload", "none", "--model", "other"],

@@ -38,6 +38,7 @@ class Case:
     skip_every: int = 0  # > 0: every n-th slot is -1
     x_padded: bool = False  # x is a column slice (row stride != hidden)
     index_dtype: torch.dtype = torch.int64  # of slot_mapping and positions
+    x_fp8: bool = False  # x holds fp8 rows with one scale each (the fp8 host store), outlier channels
 
 
 def make_caches(case: Case, num_blocks: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +80,15 @@ def make_inputs(case: Case, seed: int) -> dict:
     if case.skip_every:
         slots[:: case.skip_every] = -1
     rotary_dim = case.rotary_dim or case.head_size
+    extra = {}
+    if case.x_fp8:  # activations as the store keeps them: real LLM inputs have channels 100x the rest
+        x = x.double()
+        x[:, :: max(1, hidden // 4)] *= 100
+        scale = x.abs().amax(1).clamp(min=1e-12) / 448
+        extra["x_scale"] = scale.float()
+        x = (x / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     return dict(
-        x=x, w_k=w_k, w_v=w_v,
+        x=x, w_k=w_k, w_v=w_v, **extra,
         slot_mapping=slots.to(DEVICE, case.index_dtype),
         positions=torch.randint(0, MAX_POSITION, (case.T,), generator=g).to(DEVICE, case.index_dtype),
         cos_sin_cache=cos_sin_cache(rotary_dim, case.dtype) if case.rope else None,
@@ -141,6 +149,10 @@ CASES = {
     "head80_padded_partial_neox_knorm": Case(T=20, hidden=64, heads=2, head_size=80, rotary_dim=40, knorm=True,
                                              dtype=torch.bfloat16, layout="cpu"),
     "fp8_cache": Case(T=30, hidden=128, heads=2, head_size=64, dtype=torch.bfloat16, cache_dtype=torch.float8_e4m3fn),
+    "fp8_rows_gqa_bf16_merged": Case(T=40, hidden=128, heads=2, head_size=64, dtype=torch.bfloat16, q_heads=4,
+                                     x_fp8=True, skip_every=5),
+    "fp8_rows_fp16_bias_cpu_to_fp32": Case(T=19, hidden=96, heads=2, head_size=64, layout="cpu", bias=True,
+                                           dtype=torch.float16, cache_dtype=torch.float32, x_fp8=True),
 }
 
 
@@ -240,7 +252,8 @@ def test_tma_loads(name: str, heads: int, monkeypatch: pytest.MonkeyPatch) -> No
 
 def prune_args(**overrides) -> dict:
     """What the autotuner hands `_prune` for a bf16, head-128 layer whose operands allow TMA."""
-    return {"x_ptr": torch.empty(0, dtype=torch.bfloat16), "HEAD_PAD": 128, "num_kv_heads": 8, "t_bucket": 1 << 16,
+    return {"x_ptr": torch.empty(0, dtype=torch.bfloat16), "wk_ptr": torch.empty(0, dtype=torch.bfloat16),
+            "HEAD_PAD": 128, "num_kv_heads": 8, "t_bucket": 1 << 16,
             "tma_ok": 1, **overrides}
 
 
@@ -327,6 +340,9 @@ def _good_args(**overrides) -> dict:
     (lambda a: {"value_cache": a["value_cache"].transpose(0, 1).contiguous().transpose(0, 1), "backend": "triton"},
      "equal strides"),
     (lambda a: {"backend": "cuda"}, "backend must be"),
+    (lambda a: {"x_scale": torch.ones(4, device=DEVICE)}, "float8_e4m3fn"),
+    (lambda a: {"x": a["x"].to(torch.float8_e4m3fn), "x_scale": torch.ones(4, dtype=torch.float64, device=DEVICE)},
+     "x_scale must be"),
 ])
 def test_bad_input_raises(bad, match: str) -> None:
     args = _good_args()

@@ -27,6 +27,7 @@ def test_scheduler_gauges_ride_on_worker_counters():
     assert total["tokens_loaded"] == 96
     assert (total["store_capacity_blocks"], total["store_used_blocks"], total["store_pinned_blocks"],
             total["store_activation_blocks"]) == (10, 5, 0, 3)
+    assert PartialKVStats.of_store(StoreUsage(10, 5, 0, 3, fp8=1)).data["store_format_fp8"] == 1
     counters_only = PartialKVStats()
     counters_only.data["restores"] = 1
     assert step.aggregate(counters_only).data["store_used_blocks"] == 5  # no snapshot: kept

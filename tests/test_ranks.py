@@ -106,3 +106,50 @@ def test_a_restore_failing_midway_on_one_rank_fails_on_every_rank_at_once():
         failing, following = results[f"{rank}-failing"], results[f"{rank}-next"]
         assert failing["failed"] == [5, 6, 7] and failing["seconds"] < 5, results
         assert following["failed"] == [] and following["recomputed"] == LAYERS, results
+
+
+def _fp8_shards(rank: int, port: int, results) -> None:
+    """One rank of an fp8 host store with activation shards: store one block's rows, restore it
+    with every block recomputed, and keep the rows the recompute got."""
+    from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
+    from vllm_partial_kv.store import HostPool
+    from vllm_partial_kv.store_format import kv_slot_views
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    ranks = _ranks(rank, 2)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    kv_caches = {n: torch.zeros(BLOCKS, HEADS, BS, 2 * HEAD) for n in names}
+    width = HIDDEN // 2
+    rows = torch.randn(BS, HIDDEN, generator=torch.Generator().manual_seed(0))
+    rows[:, HIDDEN - 1] *= 100  # an outlier column in rank 1's shard only: the shards' scales differ
+    acts = {n: torch.zeros(3 * BS + 1, width) for n in names}
+    for a in acts.values():
+        a[:BS] = rows[:, rank * width : (rank + 1) * width]  # capture block 0
+    views = kv_slot_views("fp8", {n: [t] for n, t in kv_caches.items()}, torch.float32, (BS, HEADS, HEAD))
+    pool = HostPool(8, views, (BS, width), torch.float8_e4m3fn, pin=False, fmt="fp8")
+    rt = RestoreRuntime(kv_caches, BLOCKS, BS, pool, acts, dict.fromkeys(names), 8 * BS, kernel="torch",
+                        gather=ranks.gather)
+    got = []
+    rt._recompute = lambda name, x, n, tune=False, **kw: got.append((x.clone(), sorted(kw)))
+    rt.store([5], [3], [0])
+    rt.load([LoadSpec([3], [5], 0, 1, fmt="fp8")], wait="none")
+    results[rank] = {"rows": [x.tolist() for x, _ in got], "kwargs": [kw for _, kw in got],
+                     "scales": pool.act_scale[names[0]][3].tolist(), "want": rows.tolist()}
+    dist.destroy_process_group()
+
+
+def test_fp8_activation_shards_are_joined_dequantized():
+    """fp8 host store under tensor parallelism: each rank quantizes its own shard of a row with a
+    scale of its own, and a restore joins the ranks' dequantized shards into whole rows for the
+    recompute (within e4m3's rounding, 2**-4 of each value)."""
+    results = mp.Manager().dict()
+    mp.spawn(_fp8_shards, args=(_free_port(), results), nprocs=2)
+    results = dict(results)
+    want = torch.tensor(results[0]["want"])
+    assert results[0]["scales"] != results[1]["scales"]
+    for rank in (0, 1):
+        assert len(results[rank]["rows"]) == LAYERS and results[rank]["kwargs"] == [[]] * LAYERS
+        for x in results[rank]["rows"]:
+            err = (torch.tensor(x) - want).abs()
+            assert (err <= want.abs() * 2**-4 + 1e-6).all() and err.max() > 0

@@ -66,6 +66,9 @@ def _build_parser() -> _Parser:
                         f"(default {DEFAULT_OFFLOAD_GIB})")
     p.add_argument("--recompute-ratio", type=_ratio, metavar="auto|0..1",
                    help="share of restored tokens to recompute (default auto: planner decides)")
+    p.add_argument("--host-format", choices=["auto", "fp8"],
+                   help="number format of the host store: auto (lossless, the default) or fp8 (half the "
+                        "bytes of 16-bit K/V, a quarter for activations; lossy)")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
 
     p = command("make-tiny-model", "write a tiny random model and tokenizer", _make_tiny_model)
@@ -139,8 +142,8 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         raise CliError("give the model as the positional MODEL, not --model")
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", args.model]
     if args.kv_offload == "none":
-        if args.kv_offload_size is not None or args.recompute_ratio is not None:
-            raise CliError("--kv-offload-size and --recompute-ratio need "
+        if args.kv_offload_size is not None or args.recompute_ratio is not None or args.host_format is not None:
+            raise CliError("--kv-offload-size, --recompute-ratio and --host-format need "
                            "--kv-offload partial-recompute")
         return cmd + extra
     if any(a == "--kv-transfer-config" or a.startswith("--kv-transfer-config=") for a in extra):
@@ -160,6 +163,8 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
             "recompute_ratio": "auto" if args.recompute_ratio is None else args.recompute_ratio,
         },
     }
+    if args.host_format is not None:
+        config["kv_connector_extra_config"]["host_format"] = args.host_format
     return cmd + ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))] + extra
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vllm_partial_kv.formats import HOST_FORMATS
+
 DEFAULT_CPU_BYTES = 4 << 30
 HOST_LAYOUTS = ("kv+act", "act", "kv")
 
@@ -33,6 +35,10 @@ class PartialKVConfig:
     """What the host store keeps per block: "kv+act" K/V and activations (the planner picks the
     split), "act" activations only where the block has them (every restore of them recomputes),
     "kv" K/V only (nothing is captured)."""
+    host_format: str = "auto"
+    """Number format of the host store: "auto" (K/V in the KV cache's dtype, activations in the
+    model's: lossless) or "fp8" (e4m3 with per-token scales: half the bytes of 16-bit K/V, a quarter
+    for activations; lossy, see `formats`)."""
     async_load: bool = True
     """Restore between steps while other requests keep running, as vLLM's own offloading does;
     false restores inside the step that needs the blocks (the forward waits per layer)."""
@@ -77,6 +83,10 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
             raise ConfigError(f"host_layout must be one of {list(HOST_LAYOUTS)}, got {extra['host_layout']!r}")
         out["host_layout"] = extra["host_layout"]
         _check_layout_and_ratio(out["host_layout"], out.get("recompute_ratio"))
+    if "host_format" in extra:
+        if extra["host_format"] not in HOST_FORMATS:
+            raise ConfigError(f"host_format must be one of {list(HOST_FORMATS)}, got {extra['host_format']!r}")
+        out["host_format"] = extra["host_format"]
     if "kernel" in extra:
         if extra["kernel"] not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernel must be auto, triton or torch, got {extra['kernel']!r}")

@@ -11,9 +11,10 @@ from typing import Any
 from vllm.distributed.utils import get_pp_indices
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-from vllm_partial_kv import planner
+from vllm_partial_kv import formats, planner
 from vllm_partial_kv.capture import why_not_captured
 from vllm_partial_kv.config import PartialKVConfig, parse_config
+from vllm_partial_kv.fp8_copies import staging_bytes as fp8_staging_bytes
 from vllm_partial_kv.kernels import SPLIT_ROWS
 from vllm_partial_kv.profiler import device_peak_bytes
 
@@ -46,6 +47,7 @@ def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShap
             parallel.tensor_parallel_size,
         ),
         act_shards=activation_shards(vllm_config),
+        host_format=parse_config(extra_config(vllm_config)).host_format if uses_this_connector(vllm_config) else "auto",
     )
 
 
@@ -147,7 +149,7 @@ def device_bytes(vllm_config) -> int:
     block the device could hold, under 0.01% of its memory)."""
     shape = model_shape(vllm_config)
     rows = capture_blocks(vllm_config) * shape.block_size + 1
-    capture = rows * shape.act_bytes_per_token * shape.num_layers
+    capture = rows * shape.capture_bytes_per_token * shape.num_layers
     return capture + staging_bytes(shape, parse_config(extra_config(vllm_config)))
 
 
@@ -159,7 +161,7 @@ def kv_block_bound(vllm_config, device_total: int) -> int:
     if cache.num_gpu_blocks_override:
         return cache.num_gpu_blocks_override
     shape = model_shape(vllm_config)
-    per_block = shape.block_size * shape.kv_bytes_per_token * shape.num_layers
+    per_block = shape.block_size * 2 * shape.num_kv_heads * shape.head_size * shape.kv_dtype_bytes * shape.num_layers
     return (cache.kv_cache_memory_bytes or device_total) // per_block + 1
 
 
@@ -177,8 +179,22 @@ def staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
 
 def late_device_bytes(shape: planner.ModelShape, cfg: PartialKVConfig, profiling: bool) -> int:
     """What the worker half still allocates on the device after vLLM sized its KV cache: the
-    recompute GEMM's workspace (one chunk of K and V, kept by torch's allocator) and, while the
-    start-up profile is measured, what measuring takes."""
+    recompute GEMM's workspace (one chunk of K and V, kept by torch's allocator; with fp8 rows also
+    one chunk of them cast to the model's dtype) and, while the start-up profile is measured, what
+    measuring takes. The fp8 host store's quantize staging is `fp8_late_device_bytes`."""
     k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes
-    workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
+    chunk = min(cfg.max_recompute_tokens, SPLIT_ROWS)
+    workspace = chunk * k_and_v
+    if formats.quantizes_activations(shape.host_format):
+        workspace += chunk * shape.hidden_size * shape.dtype_bytes
     return workspace + (device_peak_bytes(shape) if profiling else 0)
+
+
+def fp8_late_device_bytes(shape: planner.ModelShape, with_act: bool) -> int:
+    """The fp8 host store's quantize/dequantize staging (`fp8_copies`), made by the worker half after
+    vLLM sized its KV cache (0 in the "auto" format)."""
+    if not formats.quantizes_activations(shape.host_format):
+        return 0
+    kv = (shape.num_kv_heads, shape.head_size) if formats.quantizes_kv(shape.host_format, shape.kv_dtype_bytes) \
+        else None
+    return fp8_staging_bytes(shape.block_size, kv, shape.hidden_size // shape.act_shards if with_act else None)

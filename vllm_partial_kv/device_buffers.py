@@ -19,8 +19,10 @@ import torch
 from vllm_partial_kv import capture
 from vllm_partial_kv.config import parse_config
 from vllm_partial_kv.deployment import capture_blocks, device_bytes, extra_config, kv_block_bound, model_shape
+from vllm_partial_kv.formats import quantizes_activations
 from vllm_partial_kv.ranks import TensorParallelRanks
 from vllm_partial_kv.store import ensure_room
+from vllm_partial_kv.store_format import act_dtype
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -32,13 +34,15 @@ class DeviceBuffers:
     block_size: int
     first_column: int  # where this rank's columns start in a row
     staging: list[torch.Tensor]  # restore staging, [max_recompute_tokens // block_size, block_size, width]
+    staging_scale: list[torch.Tensor]  # fp8 host format: the staged rows' scales, [..., block_size]; else empty
     slots: torch.Tensor  # int64 [max_recompute_tokens]: the recomputed tokens' slots
     positions: torch.Tensor  # and their positions
     ranks: TensorParallelRanks | None  # with activation shards: the group, its join buffers reserved
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.capture.values(), self.block_map, *self.staging, self.slots, self.positions]
+        tensors = [*self.capture.values(), self.block_map, *self.staging, *self.staging_scale, self.slots,
+                   self.positions]
         if self.ranks is not None:
             tensors += [self.ranks._gathered, self.ranks._rows]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -82,6 +86,7 @@ def allocate(vllm_config, layer_names: list[str], device: torch.device) -> Devic
     width = shape.hidden_size // shape.act_shards
     ranks = TensorParallelRanks() if shape.act_shards > 1 else None
     rows = capture_blocks(vllm_config) * bs + 1
+    n_staging = 2 if device.type == "cuda" else 1
     max_tokens = cfg.max_recompute_tokens - cfg.max_recompute_tokens % bs
     total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else _host_total_bytes()
     bound = kv_block_bound(vllm_config, total)
@@ -93,8 +98,11 @@ def allocate(vllm_config, layer_names: list[str], device: torch.device) -> Devic
         first_column=ranks.rank * width if ranks else 0,  # shards in rank order make a row, as joined
         # Two on CUDA (layer l + 1's copy overlaps layer l's recompute); zeroed, so that the CPU
         # build's memory accounting (resident set) sees them too.
-        staging=[torch.zeros(max_tokens // bs, bs, width, dtype=dtype, device=device)
-                 for _ in range(2 if device.type == "cuda" else 1)],
+        # In the fp8 host format the staged rows are fp8 with a float32 scale each (as on the host).
+        staging=[torch.zeros(max_tokens // bs, bs, width, dtype=act_dtype(cfg.host_format, dtype), device=device)
+                 for _ in range(n_staging)],
+        staging_scale=[torch.zeros(max_tokens // bs, bs, device=device)
+                       for _ in range(n_staging if quantizes_activations(cfg.host_format) else 0)],
         slots=torch.zeros(max_tokens, dtype=torch.long, device=device),
         positions=torch.zeros(max_tokens, dtype=torch.long, device=device),
         ranks=ranks,

@@ -32,6 +32,10 @@ GAUGES = {  # StoreUsage field -> (metric suffix, documentation)
     "with_activations": (
         "store_activation_blocks", "Stored blocks that keep activations (their K/V can be recomputed)"
     ),
+    "fp8": (
+        "store_format_fp8", "1: the host store keeps fp8 (e4m3) values with scales (host_format fp8); "
+        "0: K/V in the KV cache's dtype and activations in the model's"
+    ),
 }
 
 

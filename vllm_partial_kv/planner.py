@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from vllm_partial_kv import formats
+
 __all__ = ["ModelShape", "Profile", "RestoreRequest", "forward_seconds", "restore_time", "plan_split"]
 
 
@@ -44,6 +46,8 @@ class ModelShape:
     act_shards: int = 1
     """Tensor-parallel ranks that each keep 1/act_shards of every activation row's columns
     (num_kv_heads is already this rank's; hidden_size is the whole row the recompute reads)."""
+    host_format: str = "auto"
+    """The host store's number format (`formats`): the bytes a token costs on the host and link."""
 
     def __post_init__(self) -> None:
         if self.kv_dtype_bytes is None:
@@ -54,23 +58,32 @@ class ModelShape:
                 raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
         if not (self.forward_ratio >= 0 and math.isfinite(self.forward_ratio)):
             raise ValueError(f"ModelShape.forward_ratio must be finite and >= 0, got {self.forward_ratio}")
+        if self.host_format not in formats.HOST_FORMATS:
+            raise ValueError(f"ModelShape.host_format must be one of {formats.HOST_FORMATS}, got {self.host_format!r}")
         if self.hidden_size % self.act_shards:
             raise ValueError(f"hidden_size {self.hidden_size} does not split into {self.act_shards} shards")
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_size * self.kv_dtype_bytes
+        """K and V of one token in one layer, as the host store keeps them (and the link moves them)."""
+        return formats.kv_bytes_per_token(self.host_format, self.num_kv_heads, self.head_size, self.kv_dtype_bytes)
 
     @property
     def act_bytes_per_token(self) -> int:
-        """This rank's part of the K/V-projection input X of one token in one layer."""
+        """This rank's part of the K/V-projection input X of one token in one layer, as the host
+        store keeps it (and the link moves it)."""
+        return formats.act_bytes_per_token(self.host_format, self.hidden_size // self.act_shards, self.dtype_bytes)
+
+    @property
+    def capture_bytes_per_token(self) -> int:
+        """This rank's part of X in the model's dtype: the GPU capture space's row."""
         return self.hidden_size * self.dtype_bytes // self.act_shards
 
     @property
     def gather_bytes_per_token(self) -> int:
-        """What a rank receives from the others to rebuild one token's row (0 without shards)."""
-        return self.act_bytes_per_token * (self.act_shards - 1)
+        """What a rank receives from the others to rebuild one token's row (0 without shards):
+        shards are joined in the model's dtype."""
+        return self.capture_bytes_per_token * (self.act_shards - 1)
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,10 @@ from typing import Callable, Literal
 
 import torch
 
-from vllm_partial_kv import compat
+from vllm_partial_kv import compat, formats
 from vllm_partial_kv.capture import LayerRecompute
+from vllm_partial_kv.fp8_copies import Fp8Copies
+from vllm_partial_kv.kernels.quant import FP8, dequantize_rows, triton_fp8_ok
 from vllm_partial_kv.store import HostPool
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class LoadSpec:
     recompute_blocks: int = 0
     req_id: str = ""
     must_recompute: int = 0  # leading blocks stored without K/V (host layout "act")
+    fmt: str = "auto"  # the host format its blocks were stored in (`formats`)
 
 
 Wait = Literal["none", "layers", "whole"]
@@ -115,6 +118,8 @@ class _RowCopier:
         if self._memcpy is not None and (dst.is_cuda or src.is_cuda):
             copy_rows_as_bytes(self._memcpy, dst, dst_idx, src, src_idx)
         elif dst.device == src.device:
+            if dst.element_size() == 1:  # fp8 has no CPU index_copy_: copy the bytes
+                dst, src = dst.view(torch.uint8), src.view(torch.uint8)
             dst.index_copy_(0, dst_idx.to(dst.device), src[src_idx.to(src.device)])
         else:  # no batched copy available: one copy per row
             for di, si in zip(dst_idx.tolist(), src_idx.tolist()):
@@ -139,10 +144,11 @@ class RestoreRuntime:
         capture_map: torch.Tensor | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         staging: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None,
+        staging_scale: list[torch.Tensor] | None = None,
     ) -> None:
         """`staging`: the staging buffers and the recomputed tokens' slot and position buffers made
         at model load (`device_buffers`), for max_recompute_tokens; None: allocated here (a runtime
-        without an engine)."""
+        without an engine). `staging_scale`: with the fp8 host format, the staged rows' scales."""
         self.kv_caches = kv_caches
         self.gather = gather  # activation shards of every rank -> whole rows; None: rows are whole
         self.names = list(kv_caches)
@@ -162,18 +168,24 @@ class RestoreRuntime:
         self._capture_space = list(act_buffers.values())
         self.copy = _RowCopier()
         self._kv_slot_bytes = sum(t[0].numel() * t.element_size() for v in pool.kv.values() for t in v)
-        self._act_slot_bytes = sum(t[0].numel() * t.element_size() for t in pool.act.values())
+        self._act_slot_bytes = sum(t[0].numel() * t.element_size() for t in (*pool.act.values(),
+                                                                             *pool.act_scale.values()))
         self.device = next(iter(kv_caches.values())).device
         self.cuda = self.device.type == "cuda"
         self.max_recompute_tokens = max_recompute_tokens - max_recompute_tokens % block_size
         self.staging: list[torch.Tensor] = []
+        self.staging_scale: list[torch.Tensor] = []  # fp8 rows' scales, one per row
         if self.act_views and staging is not None:
             self.staging, self._slots_buf, self._pos_buf = staging
+            self.staging_scale = staging_scale or []
             if self._slots_buf.shape[0] < self.max_recompute_tokens:
                 raise ValueError(f"staging for {self._slots_buf.shape[0]} tokens, {self.max_recompute_tokens} asked")
+            if self.staging[0].dtype != next(iter(pool.act.values())).dtype or bool(pool.act_scale) != bool(
+                    self.staging_scale):
+                raise ValueError(f"{self.staging[0].dtype} staging cannot hold the host store's {pool.format} rows")
         elif self.act_views:
             hidden = next(iter(self.act_views.values())).shape[-1]
-            dtype = next(iter(self.act_views.values())).dtype
+            dtype = next(iter(pool.act.values())).dtype  # the host's: fp8 in the fp8 format
             n_staging = 2 if self.cuda else 1
             self.staging = [
                 torch.empty(
@@ -183,8 +195,15 @@ class RestoreRuntime:
                 )
                 for _ in range(n_staging)
             ]
+            self.staging_scale = [torch.empty(t.shape[:2], device=self.device) for t in self.staging if pool.act_scale]
             self._slots_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
             self._pos_buf = torch.empty(self.max_recompute_tokens, dtype=torch.long, device=self.device)
+        self.fp8 = None  # the fp8 host store's quantized copies
+        if pool.format == "fp8":
+            cache_bytes = next(iter(kv_caches.values())).element_size()
+            self.fp8 = Fp8Copies(kv_caches, num_gpu_blocks, block_size, formats.quantizes_kv("fp8", cache_bytes),
+                                 next(iter(self.act_views.values())).shape[-1] if self.act_views else None,
+                                 self.copy, self.device)
         self.stats = StepStats()
         self.last_loads: list[LoadSpec] = []  # the latest restore, for logs and tests
         self.last_waited: list[str] = []  # layers the latest restoring forward waited for, in order
@@ -196,13 +215,19 @@ class RestoreRuntime:
             self._init_streams()
 
     @property
+    def act_dtype(self) -> torch.dtype:
+        """The model's dtype: the capture space's rows."""
+        return next(iter(self.act_views.values())).dtype
+
+    @property
     def extra_device_bytes(self) -> int:
         """What the runtime holds on the KV cache's device beside it: capture space and its map,
         restore staging and index buffers."""
-        tensors = [*self._capture_space, *self.staging]
+        tensors = [*self._capture_space, *self.staging, *self.staging_scale]
         if self.staging:
             tensors += [self._slots_buf, self._pos_buf, self.capture_map]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        fp8 = self.fp8.device_bytes if self.fp8 is not None else 0
+        return fp8 + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _init_streams(self) -> None:
         """Streams and the per-layer events, created once (a restore or store only adds its
@@ -247,12 +272,19 @@ class RestoreRuntime:
         if kv:
             slot_idx, block_idx = (_index(list(c)) for c in zip(*kv))
             for name in self.names:
+                if self.fp8 is not None and self.fp8.kv:
+                    self.fp8.store_kv(name, self.pool.kv[name], slot_idx, block_idx)
+                    continue
                 for dst, src in zip(self.pool.kv[name], self.gpu_views[name]):
                     self.copy(dst, slot_idx, src, block_idx)
         if act:
             act_slots, act_blocks = (_index(list(c)) for c in zip(*act))
             for name in self.names:
-                self.copy(self.pool.act[name], act_slots, self.act_views[name], act_blocks)
+                if self.pool.act_scale:
+                    self.fp8.store_act(self.act_views[name], self.pool.act[name], self.pool.act_scale[name],
+                                       act_slots, act_blocks)
+                else:
+                    self.copy(self.pool.act[name], act_slots, self.act_views[name], act_blocks)
 
     def _last_store_touching(self, key: str, ids: list[int]) -> torch.cuda.Event | None:
         """The newest store in flight that reads one of these GPU blocks (key "block_ids") or
@@ -296,6 +328,10 @@ class RestoreRuntime:
         drained first: vLLM rewrites the blocks of a failed restore and must not race its copies."""
         if not loads:
             return None
+        for spec in loads:
+            if spec.fmt != self.pool.format:
+                raise ValueError(f"blocks stored in host format {spec.fmt!r} cannot be read from a "
+                                 f"{self.pool.format!r} store")
         try:
             return self._load(loads, wait)
         except BaseException:
@@ -310,14 +346,14 @@ class RestoreRuntime:
             main.wait_stream(self.copy_stream)
             main.wait_stream(self.compute_stream)
 
-    def _local(self, failed: list[Exception], fn: Callable[..., None], *args) -> None:
+    def _local(self, failed: list[Exception], fn: Callable[..., None], *args, **kwargs) -> None:
         """One of this rank's own steps of a restore. With activation shards the other ranks wait
         in every layer's all-gather, so after a failure the restore skips its own steps but still
         joins each gather, and raises the first failure once all of them are issued."""
         if failed:
             return
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except Exception as e:
             if self.gather is None:
                 raise
@@ -361,8 +397,8 @@ class RestoreRuntime:
             for name in self.names:
                 self._local(failed, self._copy_kv, name, *kv_idx)
                 if n_rc:
-                    self._local(failed, self.copy, self.staging[0], rc_idx[1], self.pool.act[name], rc_idx[0])
-                    self._local(failed, self._recompute, name, self._rows(0, n_rc), n_rc)
+                    self._local(failed, self._copy_act, 0, name, rc_idx)
+                    self._local(failed, self._recompute, name, self._rows(0, n_rc), n_rc, **self._scales(0, n_rc))
             if failed:
                 raise failed[0]
             self.stats.restore_seconds.append(time.perf_counter() - t0)
@@ -404,14 +440,15 @@ class RestoreRuntime:
                 if n_rc:
                     if layer >= 2:
                         self.copy_stream.wait_event(self._free[slot])
-                    self._local(failed, self.copy, self.staging[slot], rc_idx[1], self.pool.act[name], rc_idx[0])
+                    self._local(failed, self._copy_act, slot, name, rc_idx)
                     self.copy_stream.record_event(self._x_ready)
                 self._local(failed, self._copy_kv, name, *kv_idx)
                 self.copy_stream.record_event(self._kv_ready)
             with torch.cuda.stream(self.compute_stream):
                 if n_rc:
                     self.compute_stream.wait_event(self._x_ready)
-                    self._local(failed, self._recompute, name, self._rows(slot, n_rc), n_rc)
+                    self._local(failed, self._recompute, name, self._rows(slot, n_rc), n_rc,
+                                **self._scales(slot, n_rc))
                     self.compute_stream.record_event(self._free[slot])
                 self.compute_stream.wait_event(self._kv_ready)
                 self.compute_stream.record_event(self._layer_done[name])
@@ -425,10 +462,27 @@ class RestoreRuntime:
             main.wait_event(end)
         return end
 
+    def _copy_act(self, slot: int, name: str, rc_idx: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Host activation slots -> staging rows (with their scales in the fp8 format)."""
+        self.copy(self.staging[slot], rc_idx[1], self.pool.act[name], rc_idx[0])
+        if self.pool.act_scale:
+            self.copy(self.staging_scale[slot], rc_idx[1], self.pool.act_scale[name], rc_idx[0])
+
     def _rows(self, slot: int, n: int) -> torch.Tensor:
-        """The first n activation rows in staging slot `slot`, joined across the ranks if sharded."""
+        """The first n activation rows in staging slot `slot`, joined across the ranks if sharded.
+        Shards are joined in the model's dtype: each rank's fp8 shard has scales of its own."""
         x = self.staging[slot].view(-1, self.staging[slot].shape[-1])[:n]
-        return x if self.gather is None else self.gather(x)
+        if self.gather is None:
+            return x
+        if self.staging_scale:
+            x = dequantize_rows(x, self.staging_scale[slot].view(-1)[:n], self.act_dtype)
+        return self.gather(x)
+
+    def _scales(self, slot: int, n: int) -> dict[str, torch.Tensor]:
+        """The recompute's `x_scale` for the rows `_rows` returns: their scales where they are fp8."""
+        if not self.staging_scale or self.gather is not None:
+            return {}
+        return {"x_scale": self.staging_scale[slot].view(-1)[:n]}
 
     def wait_layer(self, name: str) -> None:
         """Called before the forward reads layer `name`: order it after that layer's restore."""
@@ -455,6 +509,9 @@ class RestoreRuntime:
             self._awaiting = {}
 
     def _copy_kv(self, name: str, slots: torch.Tensor, blocks: torch.Tensor) -> None:
+        if self.fp8 is not None and self.fp8.kv:
+            self.fp8.load_kv(name, self.pool.kv[name], slots, blocks)
+            return
         for dst, src in zip(self.gpu_views[name], self.pool.kv[name]):
             self.copy(dst, blocks, src, slots)
 
@@ -478,23 +535,27 @@ class RestoreRuntime:
         self._write_index(slots, torch.arange(n) % min(rotary, default=n))
         x = self.staging[0].view(-1, self.staging[0].shape[-1]).zero_()
         width = next(iter(self.layers.values())).hidden_size
-        if x.shape[-1] != width:  # the staging holds shards; the kernel reads whole rows
-            x = torch.zeros(n, width, dtype=x.dtype, device=self.device)
+        if x.shape[-1] != width:  # the staging holds shards; the kernel reads whole rows, unscaled
+            x = torch.zeros(n, width, dtype=self.act_dtype, device=self.device)
         for tokens in largest.values():
             for name in self.names:
-                self._recompute(name, x[:tokens], tokens, tune=True)
+                scale = self.staging_scale[0].view(-1)[:tokens].fill_(1.0) if x.dtype == FP8 else None
+                self._recompute(name, x[:tokens], tokens, tune=True, x_scale=scale)
                 if self.kernel == "torch":
                     return
         torch.cuda.synchronize(self.device)
         logger.info("partial_kv: K/V recompute tuned for %d token buckets up to %d tokens in %.1f s",
                     len(largest), n, time.perf_counter() - started)
 
-    def _recompute(self, name: str, x: torch.Tensor, n: int, tune: bool = False) -> None:
+    def _recompute(self, name: str, x: torch.Tensor, n: int, tune: bool = False,
+                   x_scale: torch.Tensor | None = None) -> None:
+        """K/V of n rows of x into the paged blocks; x_scale: x holds fp8 rows with these scales."""
         spec = self.layers[name]
         slots, positions = self._slots_buf[:n], self._pos_buf[:n]
         attn = spec.attn
         heads, head = attn.num_kv_heads, attn.head_size
-        use_triton = self.cuda and self.kernel != "torch" and spec.has_dense_weight
+        use_triton = self.cuda and self.kernel != "torch" and spec.has_dense_weight and (
+            x_scale is None or triton_fp8_ok(self.device))  # fp8 rows: e4m3 loads need sm_89+
         if use_triton:
             from vllm_partial_kv.kernels import recompute_kv
 
@@ -518,7 +579,7 @@ class RestoreRuntime:
                     k_norm_eps=spec.k_norm.variance_epsilon if spec.k_norm is not None else 1e-6,
                     k_scale=attn._k_scale_float if scaled else None,
                     v_scale=attn._v_scale_float if scaled else None,
-                    backend="triton", tune=tune,
+                    backend="triton", tune=tune, x_scale=x_scale,
                 )
                 return
             except Exception:  # refused or failed to compile before writing anything
@@ -529,6 +590,8 @@ class RestoreRuntime:
                 self.kernel = "torch"
         # Reference path: vLLM's own modules for the norm and RoPE, and the attention backend's
         # own cache write, so every layout and cache dtype vLLM supports is handled.
+        if x_scale is not None:
+            x = dequantize_rows(x, x_scale, self.act_dtype)
         k, v = spec.project_kv(x)
         if spec.k_norm is not None:
             k = spec.k_norm(k.view(-1, heads, head)).view(-1, heads * head)

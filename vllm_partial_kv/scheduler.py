@@ -20,6 +20,7 @@ from vllm_partial_kv import compat
 from vllm_partial_kv.capture_space import CaptureSpace
 from vllm_partial_kv.config import PartialKVConfig
 from vllm_partial_kv.deployment import capture_blocks, model_shape, over_ranks, served_layout
+from vllm_partial_kv.formats import quantizes_kv
 from vllm_partial_kv.metadata import PartialKVMetadata
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.restore import LoadSpec
@@ -36,8 +37,11 @@ def _num_slots(vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: boo
     n_layers = len(groups[0].layer_names)
     shape = model_shape(vllm_config, spec.block_size)
     act_block = spec.block_size * shape.act_bytes_per_token * n_layers
+    # The worker's slot views: the device pages as they are, or (fp8 over a 16-bit cache) fp8 and scales.
+    kv_page = spec.block_size * shape.kv_bytes_per_token if quantizes_kv(cfg.host_format, shape.kv_dtype_bytes) \
+        else spec.page_size_bytes
     return slots_for_layout(
-        cfg.cpu_bytes, over_ranks(vllm_config, spec.page_size_bytes * n_layers, n_layers),
+        cfg.cpu_bytes, over_ranks(vllm_config, kv_page * n_layers, n_layers),
         over_ranks(vllm_config, act_block, n_layers), served_layout(cfg, with_act),
     )
 
@@ -91,7 +95,7 @@ class PartialKVScheduler:
         self.block_size = vllm_config.cache_config.block_size
         self.layout = served_layout(cfg, with_act)
         self.num_slots, act_slots = _num_slots(vllm_config, kv_cache_config, cfg, with_act)
-        self.index = BlockIndex(self.num_slots, act_slots)
+        self.index = BlockIndex(self.num_slots, act_slots, fmt=cfg.host_format)
         # Blocks that restores of this step must recompute (activations-only slots), within
         # the staging capacity; counted as get_num_new_matched_tokens offers them.
         self._forced_blocks = 0
@@ -249,6 +253,7 @@ class PartialKVScheduler:
             recompute_blocks=_leading_with_act(entries),
             req_id=req_id,
             must_recompute=_leading_with_act(entries, without_kv=True),
+            fmt=self.index.fmt,  # every entry's: a hit is only a block stored in the index's format
         )
 
     def update_connector_output(self, connector_output) -> None:

@@ -35,6 +35,7 @@ class Entry:
     pins: int = 0
     indexed: bool = True  # False once dropped from the index; its slot is freed at the last unpin
     has_kv: bool = True  # False: an activations-only slot (host layout "act"), always recomputed
+    fmt: str = "auto"  # the host format it was stored in (`formats`); read back only in that format
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class StoreUsage:
     used: int  # slots not free: stored blocks, and dropped ones a load still reads
     pinned: int  # slots a load reads (never evicted until it ends)
     with_activations: int  # stored blocks that keep their activations (can be recomputed)
+    fp8: int = 0  # 1: the store keeps fp8 values with scales (host format "fp8"), 0: the cache's own dtypes
 
 
 class BlockIndex:
@@ -53,11 +55,12 @@ class BlockIndex:
     With `act_slots` (host layout "act"), blocks with activations take activations-only slots,
     numbered apart from the K/V slots, and the others K/V slots; each kind evicts its own."""
 
-    def __init__(self, num_slots: int, act_slots: int = 0) -> None:
+    def __init__(self, num_slots: int, act_slots: int = 0, fmt: str = "auto") -> None:
         if num_slots <= 0:
             raise ValueError(f"the CPU store needs at least one block slot, got {num_slots}")
         self.num_slots = num_slots
         self.act_slots = act_slots
+        self.fmt = fmt
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._free = {True: list(range(num_slots - 1, -1, -1)), False: list(range(act_slots - 1, -1, -1))}
         self.evictions = 0
@@ -71,10 +74,11 @@ class BlockIndex:
         return block_hash in self._entries
 
     def count_prefix_hits(self, hashes: Sequence[bytes]) -> int:
-        """How many leading hashes are stored (a restore must be a contiguous prefix)."""
+        """How many leading hashes are stored in this index's format (a restore must be a contiguous
+        prefix)."""
         n = 0
         for h in hashes:
-            if h not in self._entries:
+            if h not in self._entries or self._entries[h].fmt != self.fmt:
                 break
             n += 1
         return n
@@ -114,7 +118,7 @@ class BlockIndex:
         if not self._free[has_kv] and not self._evict_one(has_kv):
             return None
         slot = self._free[has_kv].pop()
-        self._entries[block_hash] = Entry(slot, has_activations, has_kv=has_kv)
+        self._entries[block_hash] = Entry(slot, has_activations, has_kv=has_kv, fmt=self.fmt)
         self._with_act += has_activations
         return slot
 
@@ -146,7 +150,7 @@ class BlockIndex:
         """Both slot kinds together (K/V slots and, with host layout "act", activations-only ones)."""
         capacity = self.num_slots + self.act_slots
         free = len(self._free[True]) + len(self._free[False])
-        return StoreUsage(capacity, capacity - free, self._pinned, self._with_act)
+        return StoreUsage(capacity, capacity - free, self._pinned, self._with_act, int(self.fmt == "fp8"))
 
     def clear(self) -> int:
         """Drop every entry, as vLLM's own CPU offloading does on reset_prefix_cache (weights may
@@ -243,34 +247,45 @@ class HostPool:
         act_dtype: torch.dtype,
         pin: bool,
         act_slots: int | None = None,
+        fmt: str = "auto",
     ) -> None:
         """`act_slots`: activation slots numbered apart from the K/V ones (host layout "act");
-        None: each K/V slot has its activation slot (same number)."""
+        None: each K/V slot has its activation slot (same number). `kv_block_views`: per layer, what
+        a slot mirrors (the device's K/V blocks, or the fp8 store's values and scales:
+        `store_format.kv_slot_views`). fmt "fp8": activation rows are `act_dtype` (fp8) with one
+        float32 scale each, in `act_scale`, slot for slot."""
         self.num_slots = num_slots
-        # (layer, is K/V, shape, strides, dtype) of every view. K/V keep the device blocks' element
+        self.format = fmt
+        # (layer, kind, shape, strides, dtype) of every view, kind: the view's place among the layer's
+        # K/V views, "act" or "scale" (fp8 activation rows' scales). K/V keep the device blocks' element
         # order: blocks are copied as raw bytes, so a host block must read back in the device's
         # (possibly permuted) order.
         layout = []
         for name, views in kv_block_views.items():
-            for v in views:
-                layout.append((name, True, (num_slots, *v.shape[1:]), _slot_strides(name, v), v.dtype))
+            for i, v in enumerate(views):
+                layout.append((name, i, (num_slots, *v.shape[1:]), _slot_strides(name, v), v.dtype))
             if act_block_shape is not None:
                 shape = (num_slots if act_slots is None else act_slots, *act_block_shape)
-                layout.append((name, False, shape, _contiguous_strides(shape), act_dtype))
-        # Widest elements first (a stable sort: K stays before V), so that every view starts at a
-        # multiple of its element size without padding.
+                layout.append((name, "act", shape, _contiguous_strides(shape), act_dtype))
+                if fmt == "fp8":
+                    layout.append((name, "scale", shape[:2], _contiguous_strides(shape[:2]), torch.float32))
+        # Widest elements first, so that every view starts at a multiple of its element size without
+        # padding (each layer's K/V views keep their given order in `kv`).
         layout.sort(key=lambda item: -item[4].itemsize)
         sizes = [math.prod(shape) * dtype.itemsize for _, _, shape, _, dtype in layout]
         self.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
-        self.kv: dict[str, list[torch.Tensor]] = {name: [] for name in kv_block_views}
+        self.kv: dict[str, list[torch.Tensor]] = {name: [None] * len(v) for name, v in kv_block_views.items()}
         self.act: dict[str, torch.Tensor] = {}
+        self.act_scale: dict[str, torch.Tensor] = {}
         offset = 0
-        for (name, is_kv, shape, strides, dtype), size in zip(layout, sizes):
+        for (name, kind, shape, strides, dtype), size in zip(layout, sizes):
             view = self.buffer[offset : offset + size].view(dtype).as_strided(shape, strides)
-            if is_kv:
-                self.kv[name].append(view)
-            else:
+            if kind == "act":
                 self.act[name] = view
+            elif kind == "scale":
+                self.act_scale[name] = view
+            else:  # the layer's i-th view, in the order given
+                self.kv[name][kind] = view
             offset += size
         self.pinned = False
         if pin:
@@ -282,12 +297,13 @@ class HostPool:
                 # Before the buffer is freed, never while in use; process exit frees it anyway.
                 weakref.finalize(self, unpin).atexit = False
         logger.info(
-            "partial_kv host store: %d block slots%s, %.2f GiB%s, activations %s",
+            "partial_kv host store: %d block slots%s, %.2f GiB%s, activations %s, format %s",
             num_slots,
             "" if act_slots is None else f" + {act_slots} activations-only slots",
             self.nbytes / 2**30,
             " pinned" if self.pinned else "",
             "kept" if act_block_shape is not None else "not kept",
+            fmt,
         )
 
     @property

@@ -20,14 +20,16 @@ import torch
 from vllm_partial_kv import capture, compat, device_buffers, planner
 from vllm_partial_kv.config import PartialKVConfig
 from vllm_partial_kv.deployment import (
-    late_device_bytes, model_shape, over_ranks, planning_shape, served_layout,
+    fp8_late_device_bytes, late_device_bytes, model_shape, over_ranks, planning_shape, served_layout,
 )
 from vllm_partial_kv.faults import RestoreFaults
+from vllm_partial_kv.kernels.quant import describe_path
 from vllm_partial_kv.metadata import PartialKVMetadata
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.ranks import TensorParallelRanks, from_first_rank
 from vllm_partial_kv.restore import RestoreRuntime, Wait
 from vllm_partial_kv.store import HostPool, ensure_room, slots_for_layout
+from vllm_partial_kv.store_format import act_dtype, kv_slot_views, slot_bytes
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -82,7 +84,11 @@ class PartialKVWorker:
         # Activation shards: this rank keeps its 1/TP of each row's columns, and restores join them.
         self._ranks = buffers.ranks if buffers is not None else None
         width = self.shape.hidden_size // self.shape.act_shards
-        kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
+        kv_dtype = next(iter(kv_caches.values())).dtype  # uint8 for fp8 caches: one byte either way
+        fmt = self.cfg.host_format
+        slot_views = kv_slot_views(fmt, views, kv_dtype, (self.block_size, self.shape.num_kv_heads,
+                                                            self.shape.head_size))
+        kv_bytes = sum(slot_bytes(vs) for vs in slot_views.values())
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
         # The scheduler's formula, from the real tensors: both halves must agree on the slots.
         layout = served_layout(self.cfg, self.with_act)
@@ -92,26 +98,32 @@ class PartialKVWorker:
         )
         profiling = self.recomputes and self.cfg.recompute_ratio is None
         host = device if device.type == "cpu" else torch.device("cpu")
-        needs = {device: self.with_act * late_device_bytes(self.shape, self.cfg, profiling)}
+        needs = {device: self.with_act * late_device_bytes(self.shape, self.cfg, profiling)
+                 + fp8_late_device_bytes(self.shape, self.with_act)}
         needs[host] = needs.get(host, 0) + num_slots * kv_bytes + act_bytes * (
             act_slots if layout == "act" else num_slots * (layout == "kv+act")
         )
         ensure_room(needs)
         act_shape = (self.block_size, width) if self.with_act else None
-        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
-                        act_slots=act_slots if layout == "act" else None)
+        pool = HostPool(num_slots, slot_views, act_shape, act_dtype(fmt, dtype), pin=device.type == "cuda",
+                        act_slots=act_slots if layout == "act" else None, fmt=fmt)
+        if fmt == "fp8":
+            logger.info("partial_kv: fp8 host store: %s; quantized with %s",
+                        "K/V as the fp8 cache holds them" if kv_dtype.itemsize == 1 else "K/V per token and head",
+                        describe_path(device))
         self.runtime = RestoreRuntime(
             kv_caches, num_blocks, self.block_size, pool, buffers.capture if buffers else {}, layers,
             self.cfg.max_recompute_tokens, self.cfg.kernel, buffers.block_map if buffers else None,
             gather=self._ranks.gather if self._ranks else None,
             staging=(buffers.staging, buffers.slots, buffers.positions) if buffers else None,
+            staging_scale=buffers.staging_scale if buffers else None,
         )
         self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
         if self.with_act:
             logger.info(
                 "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s (made at "
                 "model load) beside a KV cache of %.2f GiB", buffers.capture[next(iter(made))].shape[0] - 1,
-                buffers.nbytes / 2**20, device, kv_bytes * num_blocks / 2**30,
+                buffers.nbytes / 2**20, device, sum(t.numel() * t.element_size() for t in kv_caches.values()) / 2**30,
             )
         if profiling:
             self.profiles = self._load_profiles()

@@ -41,6 +41,7 @@ def recompute_kv(
     v_scale: float | None = None,
     backend: str = "auto",
     tune: bool = False,
+    x_scale: torch.Tensor | None = None,
 ) -> None:
     """key_cache[slot] = rope(knorm(x @ w_k.T + b_k)), value_cache[slot] = x @ w_v.T + b_v, per row of x.
 
@@ -51,19 +52,23 @@ def recompute_kv(
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     tune (Triton): time its two ways for this shape and token bucket if not done yet, which
     synchronizes the device: for start-up (the runtime, the profiler), never while serving.
+    x_scale: [T] float32 when x holds fp8 (e4m3) rows of the fp8 host store: row t stands for
+    x[t] * x_scale[t]. The scale factors out of the projection, so the kernel multiplies the GEMM's
+    fp32 result by it (before the bias); the fp8 rows enter the GEMM cast, exactly, to the weights'
+    dtype.
     """
     args = (x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, is_neox,
             b_k, b_v, k_norm_weight, k_norm_eps, k_scale, v_scale)
     use_triton = _pick_triton(backend, x)
-    _validate(*args, for_triton=use_triton)
+    _validate(*args, for_triton=use_triton, x_scale=x_scale)
     if x.shape[0] == 0:
         return
     if use_triton:
         from .triton_recompute import recompute_kv_triton
 
-        recompute_kv_triton(*args, tune=tune)
+        recompute_kv_triton(*args, tune=tune, x_scale=x_scale)
     else:
-        recompute_kv_torch(*args)
+        recompute_kv_torch(*args, x_scale=x_scale)
 
 
 @functools.cache
@@ -86,21 +91,29 @@ def _pick_triton(backend: str, x: torch.Tensor) -> bool:
 
 
 def _validate(x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_sin_cache, is_neox,
-              b_k, b_v, k_norm_weight, k_norm_eps, k_scale, v_scale, *, for_triton: bool) -> None:
+              b_k, b_v, k_norm_weight, k_norm_eps, k_scale, v_scale, *, for_triton: bool,
+              x_scale: torch.Tensor | None = None) -> None:
     """Shape/dtype/device checks on metadata only (no device sync); messages are built only on failure
     because this runs once per layer per restore."""
     named = (("x", x), ("w_k", w_k), ("w_v", w_v), ("key_cache", key_cache), ("value_cache", value_cache),
              ("slot_mapping", slot_mapping), ("positions", positions), ("cos_sin_cache", cos_sin_cache),
-             ("b_k", b_k), ("b_v", b_v), ("k_norm_weight", k_norm_weight))
+             ("b_k", b_k), ("b_v", b_v), ("k_norm_weight", k_norm_weight), ("x_scale", x_scale))
     for name, t in named:
         if t is not None and not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
-    if x.dim() != 2 or x.dtype not in _INPUT_DTYPES:
+    if x_scale is not None:
+        if x.dim() != 2 or x.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"x with x_scale must be [T, hidden] of float8_e4m3fn, got {tuple(x.shape)} {x.dtype}")
+        if x_scale.shape != x.shape[:1] or x_scale.dtype != torch.float32 or not x_scale.is_contiguous():
+            raise ValueError(f"x_scale must be a contiguous float32 [{x.shape[0]}], got {tuple(x_scale.shape)} "
+                             f"{x_scale.dtype}")
+    elif x.dim() != 2 or x.dtype not in _INPUT_DTYPES:
         raise ValueError(f"x must be [T, hidden] of {_INPUT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
     T, hidden = x.shape
+    w_dtype = x.dtype if x_scale is None else w_k.dtype
     if key_cache.dim() != 4:
         raise ValueError("key_cache must be a 4-D [num_blocks, block_size, num_kv_heads, head_size] view, "
                          f"got shape {tuple(key_cache.shape)}")
@@ -116,8 +129,8 @@ def _validate(x, w_k, w_v, key_cache, value_cache, slot_mapping, positions, cos_
         if w.shape != (kv_dim, hidden):
             raise ValueError(f"{name} must be [{kv_dim}, {hidden}] (num_kv_heads*head_size, hidden), "
                              f"got {tuple(w.shape)}")
-        if w.dtype != x.dtype:
-            raise ValueError(f"{name} dtype {w.dtype} != x dtype {x.dtype}")
+        if w.dtype != w_dtype or w.dtype not in _INPUT_DTYPES:
+            raise ValueError(f"{name} dtype {w.dtype} != x dtype {w_dtype}")
     for name, idx in (("slot_mapping", slot_mapping), ("positions", positions)):
         if idx.shape != (T,) or idx.dtype not in _INDEX_DTYPES:
             raise ValueError(f"{name} must be [{T}] int32/int64, got {tuple(idx.shape)} {idx.dtype}")

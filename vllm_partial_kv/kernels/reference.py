@@ -44,11 +44,14 @@ def recompute_kv_torch(
     k_scale: float | None = None,
     v_scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    x_scale: torch.Tensor | None = None,
 ) -> None:
     """Same contract as `recompute_kv`; everything is computed in `compute_dtype`. Inputs are
     assumed validated. The boolean mask on slot_mapping syncs on CUDA: fine for a fallback."""
     keep = slot_mapping >= 0
     x, slots, positions = x[keep].to(compute_dtype), slot_mapping[keep].long(), positions[keep]
+    if x_scale is not None:  # fp8 rows of the fp8 host store
+        x = x * x_scale[keep].to(compute_dtype)[:, None]
     _, block_size, num_heads, head_size = key_cache.shape
 
     def project(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

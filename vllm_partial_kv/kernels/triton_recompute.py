@@ -75,8 +75,9 @@ def _neox_partial_order(cols, ROT_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
 @triton.jit
 def _project(x_ptr, w_ptr, T, hidden, num_kv_heads, stride_x, stride_w, pid_t, head0, offs_t, t_mask, w_row, n_mask,
              HEAD: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """The [BLOCK_T, N] tile x[offs_t] @ w[w_row].T in fp32, K step by K step."""
+             DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, X_SCALED: tl.constexpr):
+    """The [BLOCK_T, N] tile x[offs_t] @ w[w_row].T in fp32, K step by K step (fp8 rows of x, with
+    X_SCALED, enter the dot cast to the weights' dtype: exact, their scales come after)."""
     if TMA:  # the program's weight rows are one box; rows past T and columns past hidden read as 0
         x_desc = tl.make_tensor_descriptor(x_ptr, [T, hidden], [stride_x, 1], [BLOCK_T, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, [num_kv_heads * HEAD, hidden], [stride_w, 1], [N, BLOCK_K])
@@ -93,6 +94,8 @@ def _project(x_ptr, w_ptr, T, hidden, num_kv_heads, stride_x, stride_w, pid_t, h
             k_mask = offs_k < hidden
             xt = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if X_SCALED:
+            xt = xt.to(wt.dtype)
         if DOT_F32:  # the Triton interpreter multiplies bf16 operands as their raw uint16 bits
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
@@ -102,18 +105,19 @@ def _project(x_ptr, w_ptr, T, hidden, num_kv_heads, stride_x, stride_w, pid_t, h
 # Sizes that change call to call are not specialized on (divisibility, == 1): one binary per config.
 @triton.jit(do_not_specialize=["T", "num_kv_heads", "block_size", "y_v_off", "t_bucket", "tma_ok"])
 def _recompute_kv_kernel(
-        x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr, y_ptr,
+        x_ptr, wk_ptr, wv_ptr, bk_ptr, bv_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, kn_ptr, y_ptr, xs_ptr,
         T, hidden, num_kv_heads, stride_x, stride_wk, stride_wv, stride_cs, stride_y, y_v_off,
         c_s0, c_s1, c_s2, c_s3, block_size, k_scale, v_scale, eps,
         t_bucket, tma_ok,  # autotune keys only: tune per power-of-two bucket of T, and per TMA eligibility
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, ROT_DIM: tl.constexpr, NEOX: tl.constexpr,
         HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_KNORM: tl.constexpr, FP8_MAX: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-        HEADS: tl.constexpr, TMA: tl.constexpr, PROJECTED: tl.constexpr):
+        HEADS: tl.constexpr, TMA: tl.constexpr, PROJECTED: tl.constexpr, X_SCALED: tl.constexpr):
     """One [BLOCK_T, HEADS * head] tile of K or V of HEADS adjacent KV heads per program. 1-D grid
     over (token tile, K/V x head group), grouped so GROUP_T token tiles share L2. K and V programs
     share one main loop: only pointers differ, and the K-only epilogue sits behind a uniform branch.
-    PROJECTED: no main loop; row t of K (V) is y[t * stride_y + k (+ y_v_off)], ready projected."""
+    PROJECTED: no main loop; row t of K (V) is y[t * stride_y + k (+ y_v_off)], ready projected.
+    X_SCALED: x (or the rows y was projected from) holds fp8 rows; row t is scaled by xs[t]."""
     N: tl.constexpr = HEADS * HEAD_PAD
     pid = tl.program_id(0)
     num_t = tl.cdiv(T, BLOCK_T)
@@ -150,7 +154,9 @@ def _recompute_kv_kernel(
         acc = tl.load(y_rows + w_row[None, :], mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
     else:
         acc = _project(x_ptr, w_ptr, T, hidden, num_kv_heads, stride_x, stride_w, pid_t, head0, offs_t, t_mask,
-                       w_row, n_mask, HEAD, N, BLOCK_T, BLOCK_K, TMA, DOT_PRECISION, DOT_F32)
+                       w_row, n_mask, HEAD, N, BLOCK_T, BLOCK_K, TMA, DOT_PRECISION, DOT_F32, X_SCALED)
+    if X_SCALED:  # (s_t q_t) . w = s_t (q_t . w): one scale per row of the tile
+        acc *= tl.load(xs_ptr + offs_t, mask=t_mask, other=1.0)[:, None]
 
     # Each bias load is masked off entirely in the other half of the grid (`n_mask & is_k` would read
     # better, but the interpreter turns bool & scalar-bool into ints).
@@ -244,7 +250,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     operands do not allow it (`_tma_eligible`), and tiles that would spill or overflow shared memory (falling back to
     the small-T config, which always fits)."""
     args = {**named_args, **kwargs}
-    head_pad, elem = args["HEAD_PAD"], args["x_ptr"].element_size()
+    head_pad, elem = args["HEAD_PAD"], args["wk_ptr"].element_size()  # fp8 x is cast to w's dtype
     max_t = max(32, args["t_bucket"] // 2)
 
     def fits(c: triton.Config) -> bool:
@@ -362,19 +368,23 @@ def recompute_kv_triton(
     v_scale: float | None,
     mode: str | None = None,
     tune: bool = False,
+    x_scale: torch.Tensor | None = None,
 ) -> None:
     """Launch the recompute; inputs are assumed validated (see `recompute_kv`). mode: "fused" (one
     kernel), "split" (cuBLAS GEMM of at most SPLIT_ROWS tokens at a time into a workspace, then the
     kernel's epilogue) or None: the way tuned for this shape and T bucket. tune: time both ways
     first where none is tuned (start-up only: it synchronizes the device); without it an untuned
-    call runs UNTUNED_MODE, untimed (the interpreter: "fused")."""
+    call runs UNTUNED_MODE, untimed (the interpreter: "fused"). x_scale: x holds fp8 rows (see
+    `recompute_kv`); "split" casts each chunk of them to the weights' dtype for cuBLAS, and the
+    epilogue applies the scales."""
     T, hidden = x.shape
     _, block_size, num_kv_heads, head_size = key_cache.shape
     kv_dim = num_kv_heads * head_size
     fp8 = key_cache.dtype in FP8_DTYPES
     rotary_dim = 0 if cos_sin_cache is None else cos_sin_cache.shape[1]
     head_pad = max(16, _next_pow2(head_size))
-    tma_ok = int(_tma_eligible(x, w_k, w_v, head_size, head_pad, rotary_dim, is_neox))
+    tma_ok = int(x_scale is None and _tma_eligible(x, w_k, w_v, head_size, head_pad, rotary_dim, is_neox))
+    w_dtype = w_k.dtype
     meta = {
         "HEAD": head_size,
         "HEAD_PAD": head_pad,
@@ -385,15 +395,16 @@ def recompute_kv_triton(
         "HAS_KNORM": k_norm_weight is not None,
         "FP8_MAX": float(torch.finfo(key_cache.dtype).max) if fp8 else 0.0,
         # fp32 activations: 3xTF32 keeps fp32 accuracy on tensor cores.
-        "DOT_PRECISION": "tf32x3" if x.dtype == torch.float32 else "tf32",
-        "DOT_F32": INTERPRET and x.dtype == torch.bfloat16,
+        "DOT_PRECISION": "tf32x3" if w_dtype == torch.float32 else "tf32",
+        "DOT_F32": INTERPRET and w_dtype == torch.bfloat16,
+        "X_SCALED": x_scale is not None,
     }
 
     def launch(kernel, rows: slice, y: torch.Tensor, stride_y: int, y_v_off: int, **config) -> None:
         n = rows.stop - rows.start
         kernel[lambda m: (triton.cdiv(n, m["BLOCK_T"]) * 2 * (num_kv_heads // m["HEADS"]),)](
             x[rows], w_k, w_v, b_k, b_v, key_cache, value_cache, slot_mapping[rows], positions[rows],
-            cos_sin_cache, k_norm_weight, y,
+            cos_sin_cache, k_norm_weight, y, None if x_scale is None else x_scale[rows],
             n, hidden, num_kv_heads, x.stride(0), w_k.stride(0), w_v.stride(0),
             0 if cos_sin_cache is None else cos_sin_cache.stride(0), stride_y, y_v_off,
             *key_cache.stride(),  # value_cache has the same strides (validated)
@@ -403,7 +414,7 @@ def recompute_kv_triton(
     def fused() -> None:
         if INTERPRET or T < TUNE_MIN_T:
             launch(_recompute_kv_kernel, slice(0, T), x, 0, 0, PROJECTED=False,
-                   **_fixed_config(T, head_pad, x.element_size()))
+                   **_fixed_config(T, head_pad, w_k.element_size()))
         else:
             launch(_tuned_kernel, slice(0, T), x, 0, 0, PROJECTED=False)
 
@@ -411,17 +422,18 @@ def recompute_kv_triton(
 
     def split() -> None:
         chunk = min(T, SPLIT_ROWS)
-        y = torch.empty(chunk * 2 * kv_dim, dtype=x.dtype, device=x.device)
+        y = torch.empty(chunk * 2 * kv_dim, dtype=w_dtype, device=x.device)
         for t0 in range(0, T, chunk):
             rows = slice(t0, min(T, t0 + chunk))
             n = rows.stop - rows.start
+            xr = x[rows] if x_scale is None else x[rows].to(w_dtype)
             if w_kv is not None:  # [n, K | V]
-                torch.mm(x[rows], w_kv.t(), out=y[: n * 2 * kv_dim].view(n, 2 * kv_dim))
+                torch.mm(xr, w_kv.t(), out=y[: n * 2 * kv_dim].view(n, 2 * kv_dim))
                 stride_y, y_v_off = 2 * kv_dim, kv_dim
             else:  # [K rows | V rows]
                 out = y[: n * 2 * kv_dim].view(2, n, kv_dim)
-                torch.mm(x[rows], w_k.t(), out=out[0])
-                torch.mm(x[rows], w_v.t(), out=out[1])
+                torch.mm(xr, w_k.t(), out=out[0])
+                torch.mm(xr, w_v.t(), out=out[1])
                 stride_y, y_v_off = kv_dim, n * kv_dim
             launch(_recompute_kv_kernel, rows, y, stride_y, y_v_off, PROJECTED=True, **_epilogue_config(n))
 
