@@ -346,3 +346,35 @@ def test_a_directory_that_disappears_counts_write_errors_and_misses(tmp_path):
         assert stats.rejected["unreadable"] + stats.read_misses == 1
     finally:
         io.close()
+
+
+def test_the_storage_read_rate_is_measured_once_then_cached(tmp_path, monkeypatch):
+    from vllm_partial_kv import profiler
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    calls = []
+    real = profiler.measure_storage
+    monkeypatch.setattr(profiler, "measure_storage", lambda *a, **k: calls.append(a) or real(*a, total_bytes=1 << 20, **k))
+    bw, latency = profiler.load_or_measure_storage(data, 64 << 10, cache_dir=cache)
+    assert bw > 0 and latency >= 0 and list(data.iterdir()) == []  # probe files removed
+    assert profiler.load_or_measure_storage(data, 64 << 10, cache_dir=cache) == (bw, latency)
+    assert len(calls) == 1
+    profiler.load_or_measure_storage(data, 32 << 10, cache_dir=cache)  # another block size
+    assert len(calls) == 2
+
+
+def test_storage_config_keys_are_validated():
+    from vllm_partial_kv.config import ConfigError, parse_config
+
+    cfg = parse_config({"storage_dir": "/mnt/kv", "storage_bytes": "1e9", "storage_rescan_s": 0.5,
+                        "storage_io_threads": 8, "storage_fsync": True})
+    assert (cfg.storage_dir, cfg.storage_bytes, cfg.storage_rescan_s, cfg.storage_io_threads, cfg.storage_fsync) == (
+        "/mnt/kv", 10**9, 0.5, 8, True)
+    assert parse_config({}).storage_dir is None and parse_config({"storage_dir": None}).storage_dir is None
+    for bad, name in [({"storage_dir": ""}, "storage_dir"), ({"storage_bytes": -1}, "storage_bytes"),
+                      ({"storage_rescan_s": 0}, "storage_rescan_s"), ({"storage_fsync": "yes"}, "storage_fsync"),
+                      ({"storage_io_threads": 0}, "storage_io_threads"),
+                      ({"storage_dir": "/x", "async_load": False}, "async_load")]:
+        with pytest.raises(ConfigError, match=name):
+            parse_config(bad)
