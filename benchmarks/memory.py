@@ -36,7 +36,7 @@ def child(model: str, mode: str) -> None:
     if mode != "none":
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-        runtime = get_kv_transfer_group().runtime
+        runtime = get_kv_transfer_group().worker.runtime
         extra = runtime.extra_device_bytes
         kv = sum(t.numel() * t.element_size() for t in runtime.kv_caches.values())
     print("RESULT " + json.dumps({

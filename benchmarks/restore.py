@@ -145,7 +145,7 @@ def child(args) -> None:
         return
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    worker = get_kv_transfer_group()
+    worker = get_kv_transfer_group().worker
     profiles = worker._load_profiles()
     out["sweep"] = []
     for ratio in args.ratios:

@@ -153,7 +153,8 @@ def test_capture_blocks_go_to_blocks_filled_from_their_first_token():
 
     from vllm_partial_kv.capture_space import CaptureSpace
     from vllm_partial_kv.config import PartialKVConfig
-    from vllm_partial_kv.connector import PartialKVMetadata, PartialRecomputeConnector, _Request
+    from vllm_partial_kv.metadata import PartialKVMetadata
+    from vllm_partial_kv.scheduler import PartialKVScheduler, _Request
 
     conn = SimpleNamespace(with_act=True, block_size=4, cfg=PartialKVConfig(), capture=CaptureSpace(2))
     req = SimpleNamespace(num_computed_tokens=6, num_prompt_tokens=20)
@@ -162,22 +163,22 @@ def test_capture_blocks_go_to_blocks_filled_from_their_first_token():
     def step(tokens: int) -> PartialKVMetadata:
         meta = PartialKVMetadata()
         out = SimpleNamespace(num_scheduled_tokens={"r": tokens})
-        PartialRecomputeConnector._map_capture(conn, "r", state, out, meta)
+        PartialKVScheduler._map_capture(conn, "r", state, out, meta)
         req.num_computed_tokens += tokens
         return meta
 
     meta = step(7)  # tokens 6..12: block 1 (started before), 2 and 3 (start now)
     assert meta.capture_block_ids == [11, 12, 13] and meta.capture_blocks == [-1, 0, 1]
     assert state.capture == {2: 0, 3: 1}
-    PartialRecomputeConnector._give_back_capture(conn, state, below=3)  # block 2 stored
+    PartialKVScheduler._give_back_capture(conn, state, below=3)  # block 2 stored
     meta = step(4)  # tokens 13..16: block 3 continues, block 4 starts
     assert meta.capture_block_ids == [13, 14] and meta.capture_blocks == [1, 0]
     meta = step(4)  # tokens 17..20: all lent, so block 5, started now, gets none
     assert meta.capture_block_ids == [14, 15] and meta.capture_blocks == [0, -1]
-    PartialRecomputeConnector._give_back_capture(conn, state, below=4)  # block 3 stored
+    PartialKVScheduler._give_back_capture(conn, state, below=4)  # block 3 stored
     meta = step(2)  # block 5 continues: still none (its first token's rows are gone)
     assert meta.capture_blocks == [-1] and conn.capture.num_free == 1
-    PartialRecomputeConnector._give_back_capture(conn, state)  # finished or preempted
+    PartialKVScheduler._give_back_capture(conn, state)  # finished or preempted
     assert conn.capture.num_free == 2 and not state.capture
 
 
@@ -212,10 +213,10 @@ def _scheduler_half(layout: str, max_recompute_tokens: int):
     """The connector's scheduler half around a real BlockIndex (room for every block of the test:
     nothing is evicted), blocks of 4 tokens, without an engine."""
     from vllm_partial_kv.config import PartialKVConfig
-    from vllm_partial_kv.connector import PartialRecomputeConnector
+    from vllm_partial_kv.scheduler import PartialKVScheduler
     from vllm_partial_kv.store import BlockIndex
 
-    conn = PartialRecomputeConnector.__new__(PartialRecomputeConnector)
+    conn = PartialKVScheduler.__new__(PartialKVScheduler)
     conn.cfg = PartialKVConfig(max_recompute_tokens=max_recompute_tokens, host_layout=layout)
     conn.block_size, conn._forced_blocks, conn._matched = 4, 0, {}
     conn.index = BlockIndex(32, act_slots=32 if layout == "act" else 0)
@@ -241,7 +242,7 @@ def test_activations_only_blocks_are_restored_only_as_a_leading_run_within_stagi
     (host layout "act") can only be served as its leading run: the hit ends at one that follows
     a block with K/V, and at the one past what this step's staging (max_recompute_tokens, over
     all restores the step offers) can recompute. Those blocks are then vLLM's to compute."""
-    from vllm_partial_kv.connector import _leading_with_act
+    from vllm_partial_kv.scheduler import _leading_with_act
 
     conn = _scheduler_half("act", max_recompute_tokens=3 * 4)
     hits, hashes = _offered(conn, "a", "a", "k", "a", "k")

@@ -51,14 +51,14 @@ PARALLEL = textwrap.dedent(
     def set_ratio(self, ratio):
         from dataclasses import replace
         from vllm.distributed.kv_transfer import get_kv_transfer_group
-        worker = get_kv_transfer_group()
+        worker = get_kv_transfer_group().worker
         worker.cfg = replace(worker.cfg, recompute_ratio=ratio)
 
     def restored_error(self):
         # Relative error of the last restore's blocks on this rank's paged cache against the
         # K/V the rank offloaded: recomputed and streamed blocks alike.
         from vllm.distributed.kv_transfer import get_kv_transfer_group
-        runtime = get_kv_transfer_group().runtime
+        runtime = get_kv_transfer_group().worker.runtime
         (load,) = runtime.last_loads
         worst = 0.0
         for name in runtime.names:
@@ -74,13 +74,13 @@ PARALLEL = textwrap.dedent(
         from vllm_partial_kv.faults import RestoreFaults
         world = get_world_group()
         last = world.rank_in_group == world.world_size - 1
-        get_kv_transfer_group()._faults = RestoreFaults(1 if fail and last else None)
+        get_kv_transfer_group().worker._faults = RestoreFaults(1 if fail and last else None)
 
     def rank_state(self):
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
         from vllm_partial_kv import capture
-        worker = get_kv_transfer_group()
+        worker = get_kv_transfer_group().worker
         pool = worker.runtime.pool
         ray = sys.modules.get("ray")
         return {"rank": [get_pp_group().rank_in_group, get_tensor_model_parallel_rank()],
@@ -126,7 +126,7 @@ PARALLEL = textwrap.dedent(
                       kv_connector="PartialRecomputeConnector", kv_role="kv_both",
                       kv_load_failure_policy="recompute",
                       kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": "auto"}))
-        scheduler = llm.llm_engine.engine_core.engine_core.scheduler.connector
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler.connector.scheduler
         sp = SamplingParams(temperature=0, max_tokens=16)
         lookup = scheduler.get_num_new_matched_tokens
         scheduler.get_num_new_matched_tokens = lambda request, computed: (0, False)
@@ -288,7 +288,7 @@ def make_llm_tp1():
         llm = make_llm(model, kv_transfer_config=KVTransferConfig(
             kv_connector="PartialRecomputeConnector", kv_role="kv_both",
             kv_connector_extra_config={"cpu_bytes": cpu_bytes, "recompute_ratio": 0.5}))
-        pool = get_kv_transfer_group().runtime.pool
+        pool = get_kv_transfer_group().worker.runtime.pool
         state = {"nbytes": pool.nbytes, "slots": pool.num_slots,
                  "kv_bytes_per_slot": sum(v[0].numel() * v.element_size() for vs in pool.kv.values() for v in vs),
                  "act_bytes_per_slot": sum(a[0].numel() * a.element_size() for a in pool.act.values())}
@@ -308,7 +308,7 @@ def test_cpu_bytes_is_the_total_over_ranks(tp, stages, layout):
     uneven stages, and all ranks' stores together stay within cpu_bytes."""
     from types import SimpleNamespace
 
-    from vllm_partial_kv.connector import over_ranks
+    from vllm_partial_kv.deployment import over_ranks
     from vllm_partial_kv.store import slots_for_layout
 
     cpu_bytes, kv_layer, act_layer = 100 << 20, 4096 // tp, 3000  # one layer's block, per rank

@@ -34,7 +34,7 @@ SPAWNED = textwrap.dedent(
         import os
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         from vllm_partial_kv import capture
-        return {"pid": os.getpid(), "totals": get_kv_transfer_group().totals.data,
+        return {"pid": os.getpid(), "totals": get_kv_transfer_group().worker.totals.data,
                 "captured_layers": len(capture.layers()),
                 "budget_hooked": getattr(type(getattr(self, "worker", self)).determine_available_memory,
                                          "_partial_kv_wrapped", False)}
@@ -149,7 +149,8 @@ def test_split_per_restore_mode(caplog):
     from types import SimpleNamespace
 
     from vllm_partial_kv.config import PartialKVConfig
-    from vllm_partial_kv.connector import PartialKVMetadata, PartialRecomputeConnector
+    from vllm_partial_kv.metadata import PartialKVMetadata
+    from vllm_partial_kv.worker import PartialKVWorker
     from vllm_partial_kv.planner import ModelShape, Profile
     from vllm_partial_kv.restore import LoadSpec
 
@@ -165,7 +166,7 @@ def test_split_per_restore_mode(caplog):
         meta = PartialKVMetadata(loads=[LoadSpec(list(range(1024)), list(range(1024)), 0, 1024)])
         meta.busy, meta.forward_tokens = busy, forward_tokens
         profiled = worker.runtime.kernel == worker._profiled_kernel  # start_load_kv's check
-        PartialRecomputeConnector._choose_split(worker, meta, wait, profiled)
+        PartialKVWorker._choose_split(worker, meta, wait, profiled)
         return meta.loads[0].recompute_blocks
 
     alone = split("whole", False, 8192)
@@ -179,7 +180,7 @@ def test_split_per_restore_mode(caplog):
     # it), so restores stream every block from then on, with one warning, measuring nothing.
     worker._load_profiles = lambda: pytest.fail("profiled while serving")
     worker.runtime.kernel = "torch"
-    with caplog.at_level(logging.WARNING, logger="vllm.vllm_partial_kv.connector"):
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_partial_kv.worker"):
         assert split("whole", False, 0) == split("none", True, 8192) == 0
     assert [r.getMessage() for r in caplog.records].count(
         "partial_kv: recompute now runs on the unprofiled torch path; restores stream all blocks "

@@ -77,7 +77,7 @@ def _ratio(layout: str) -> float | str:
 def _worker():
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    return get_kv_transfer_group()
+    return get_kv_transfer_group().worker
 
 
 def _kv_bytes(model, tokens: int) -> int:
@@ -101,7 +101,7 @@ def _scheduler(llm):
 
 
 def _scheduler_connector(llm):
-    return _scheduler(llm).connector
+    return _scheduler(llm).connector.scheduler
 
 
 def _fp8_cache_available() -> bool:

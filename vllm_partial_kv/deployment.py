@@ -48,6 +48,24 @@ def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShap
     )
 
 
+def served_layout(cfg: PartialKVConfig, with_act: bool) -> str:
+    """The host layout served: without activations every layout is "kv"."""
+    return cfg.host_layout if with_act else "kv"
+
+
+def over_ranks(vllm_config, block_bytes: int, num_layers: int) -> int:
+    """A block's bytes over all ranks, from one rank's `block_bytes` for its `num_layers` layers:
+    `cpu_bytes` is the total across ranks, as vLLM's `--kv-offloading-size` is.
+
+    Every rank keeps every slot, for its own heads (tensor parallel) and its own layers (pipeline
+    stage). Counting all layers rather than this stage's keeps the scheduler (which sees stage 0's
+    layers) and every worker on one slot count, even when the stages hold different numbers of
+    layers."""
+    total_layers = vllm_config.model_config.get_total_num_hidden_layers()
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return tp * total_layers * block_bytes // num_layers
+
+
 def activation_shards(vllm_config) -> int:
     """Tensor-parallel ranks each keep 1/TP of every activation row's columns, so a rank's host
     and PCIe bytes shrink with its K/V; a restore joins the shards over the group before the

@@ -1,0 +1,264 @@
+"""The connector's worker half: stores finished blocks to the host, restores hit blocks.
+
+After each forward it copies finished blocks (K/V and captured activations) to the host; it
+restores hit blocks, recomputing the leading ones from activations with the split the planner
+picks for the whole batch. By default loads are asynchronous, like vLLM's own offloading: the
+request waits (WAITING_FOR_REMOTE_KVS) while other requests' steps run, until `get_finished`
+reports its restore done. With `async_load: false` the restore runs inside the step that needs
+it and the forward waits for each layer (`wait_for_layer_load`). Blocks vLLM reallocates wait
+for stores still reading them (`handle_preemptions`). A restore that fails is reported to vLLM as
+a KV load error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from vllm_partial_kv import capture, compat, planner
+from vllm_partial_kv.config import PartialKVConfig
+from vllm_partial_kv.deployment import (
+    capture_blocks, model_shape, over_ranks, planning_shape, served_layout, staging_bytes,
+)
+from vllm_partial_kv.faults import RestoreFaults
+from vllm_partial_kv.metadata import PartialKVMetadata
+from vllm_partial_kv.metrics import PartialKVStats
+from vllm_partial_kv.ranks import TensorParallelRanks, from_first_rank
+from vllm_partial_kv.restore import RestoreRuntime, Wait
+from vllm_partial_kv.store import HostPool, ensure_room, slots_for_layout
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
+
+
+class PartialKVWorker:
+    def __init__(self, vllm_config, cfg: PartialKVConfig, with_act: bool) -> None:
+        self._vllm_config = vllm_config
+        self.cfg = cfg
+        self.with_act = with_act
+        self.block_size = vllm_config.cache_config.block_size
+        self.runtime: RestoreRuntime | None = None  # once KV caches exist
+        self.profiles: dict[bool, planner.Profile] = {}  # keyed by "GPU busy with decodes"
+        self._profiled_kernel = cfg.kernel  # the backend the profiles were measured for
+        self._failed_blocks: set[int] = set()  # restores that failed, for vLLM to recover
+        self._faults = RestoreFaults.from_env()  # the documented test hook (faults.py)
+        self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
+        self._ranks: TensorParallelRanks | None = None  # with activation shards, once caches exist
+        self._stats = PartialKVStats()
+        self.totals = PartialKVStats()  # since start-up, for logs and tests
+
+    # ============================================================================= worker half
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        vllm_config = self._vllm_config
+        num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())))
+        layers = capture.layers() if self.with_act else {}
+        if self.with_act and set(layers) != set(kv_caches):
+            raise RuntimeError(
+                "partial_kv: activation capture hooks were not installed for every attention "
+                "layer (is the vllm_partial_kv plugin loaded?)"
+            )
+        device = next(iter(kv_caches.values())).device
+        dtype = vllm_config.model_config.dtype
+        views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
+        self.shape = model_shape(vllm_config)
+        self.plan_shape = planning_shape(vllm_config)
+        # Activation shards: this rank keeps its 1/TP of each row's columns, and restores join them.
+        if self.with_act and self.shape.act_shards > 1:
+            self._ranks = TensorParallelRanks()
+        width = self.shape.hidden_size // self.shape.act_shards
+        kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
+        act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
+        # The scheduler's formula, from the real tensors: both halves must agree on the slots.
+        layout = served_layout(self.cfg, self.with_act)
+        num_slots, act_slots = slots_for_layout(
+            self.cfg.cpu_bytes, over_ranks(vllm_config, kv_bytes, len(views)),
+            over_ranks(vllm_config, act_bytes, len(views)), layout,
+        )
+        rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
+        on_device = self.with_act * (  # capture space, its map, staging
+            rows * len(views) * self.shape.act_bytes_per_token + 4 * num_blocks
+            + staging_bytes(self.shape, self.cfg)
+        )
+        host = device if device.type == "cpu" else torch.device("cpu")
+        needs = {device: on_device}
+        needs[host] = needs.get(host, 0) + num_slots * kv_bytes + act_bytes * (
+            act_slots if layout == "act" else num_slots * (layout == "kv+act")
+        )
+        ensure_room(needs)
+        act_buffers, capture_map = {}, None
+        if self.with_act:
+            act_buffers = {n: torch.zeros(rows, width, dtype=dtype, device=device) for n in kv_caches}
+            capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+            if self._ranks is not None:
+                self._ranks.reserve(self.cfg.max_recompute_tokens, width, dtype, device)
+            # The ranks' shards, in rank order, make a row (the order the join puts them in).
+            first = self._ranks.rank * width if self._ranks is not None else 0
+            capture.bind_buffers(act_buffers, capture_map, self.block_size, first)
+        act_shape = (self.block_size, width) if self.with_act else None
+        pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
+                        act_slots=act_slots if layout == "act" else None)
+        self.runtime = RestoreRuntime(
+            kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
+            self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
+            gather=self._ranks.gather if self._ranks else None,
+        )
+        self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
+        if self.with_act:
+            logger.info(
+                "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s beside "
+                "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
+                kv_bytes * num_blocks / 2**30,
+            )
+        if self.with_act and self.cfg.recompute_ratio is None:
+            self.profiles = self._load_profiles()
+
+    def _load_profiles(self) -> dict[bool, planner.Profile]:
+        """Idle and busy profiles of the runtime's recompute backend, at start-up: a restore that
+        shares the GPU with other requests' forward recomputes slower, so it should recompute less.
+        With activation shards, the all-gather that joins them is measured on the real group. Every
+        rank then plans from rank 0's profiles, so that all pick the same split."""
+        from vllm_partial_kv import profiler
+        from vllm_partial_kv.kernels import recompute_kv
+
+        kernel = self._profiled_kernel = self.runtime.kernel
+        dtype, device = self._vllm_config.model_config.dtype, self.runtime.device
+
+        def fn(*args, **kwargs):
+            return recompute_kv(*args, backend=kernel, tune=True, **kwargs)
+
+        profiles = {
+            busy: profiler.load_or_measure(
+                self.shape, device=device, recompute_fn=fn, dtype=dtype,
+                cache_dir=self.cfg.profile_cache_dir, with_load=busy, kernel=kernel,
+            )
+            for busy in (False, True)
+        }
+        if self._ranks is not None:
+            bw, latency = profiler.measure_gather(
+                self.shape, self._ranks.gather, device=device, dtype=dtype,
+                max_tokens=self.runtime.max_recompute_tokens,
+            )
+            logger.info("partial_kv: joining activation shards over %d ranks: %.2f GB/s, %.0f us per call",
+                        self._ranks.size, bw / 1e9, latency * 1e6)
+            profiles = {k: replace(p, gather_bytes_per_s=bw, gather_latency_s=latency) for k, p in profiles.items()}
+        return from_first_rank(profiles)
+
+    def handle_preemptions(self, kv_connector_metadata) -> None:
+        """vLLM calls this every step before it writes anything into the KV cache: blocks it
+        just allocated may have been freed while a store was still reading them, and the
+        capture op must know this step's capture blocks (before the forward, not in
+        `start_load_kv`, which vLLM 0.32 may call after launching it)."""
+        meta = kv_connector_metadata
+        if self.runtime is not None and isinstance(meta, PartialKVMetadata):
+            self.runtime.fence_blocks(meta.new_block_ids)
+            self.runtime.set_capture_map(meta.capture_block_ids, meta.capture_blocks)
+
+    def start_load_kv(self, meta, forward_context) -> None:
+        if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
+            return
+        wait: Wait = "none"
+        if not self.cfg.async_load:
+            wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
+        failure: Exception | None = None
+        try:
+            self._faults.check()
+        except Exception as e:
+            failure = e
+        kernel_profiled = self.runtime.kernel == self._profiled_kernel
+        if self._ranks is not None:
+            # The restore's all-gathers need every rank: all go ahead, with one split, or none.
+            go, kernel_profiled = self._ranks.agree(failure is None, kernel_profiled)
+            if failure is None and not go:
+                failure = RuntimeError("another tensor-parallel rank cannot restore this step")
+        done = None
+        if failure is None:
+            try:
+                self._choose_split(meta, wait, kernel_profiled)
+                done = self.runtime.load(meta.loads, wait)
+            except Exception as e:
+                failure = e
+            if self._ranks is not None:
+                # A rank whose restore failed midway still joined every all-gather (restore.py);
+                # now every rank learns of it, and none keeps K/V another did not restore.
+                (all_ok,) = self._ranks.agree(failure is None)
+                if failure is None and not all_ok:
+                    self.runtime.drain()
+                    failure = RuntimeError("another tensor-parallel rank's restore of this step failed")
+        if failure is not None:
+            # A restore that fails must cost its requests, not the engine: vLLM recomputes the
+            # blocks or fails the requests (kv_load_failure_policy "recompute" or "fail").
+            blocks = {b for spec in meta.loads for b in spec.block_ids}
+            logger.error(
+                "partial_kv: restore of %d blocks for %d requests failed; reported to vLLM as "
+                "load errors", len(blocks), len(meta.loads), exc_info=failure,
+            )
+            self._failed_blocks |= blocks
+            self.runtime.stats.failed_restores += 1
+            done = None  # reported finished at once, with its blocks as load errors
+        if self.cfg.async_load:
+            self._loading.update(dict.fromkeys((spec.req_id for spec in meta.loads), done))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Asynchronous loads whose restore has completed on the device."""
+        done = {r for r, event in self._loading.items() if event is None or event.query()}
+        for req_id in done:
+            del self._loading[req_id]
+        return None, done or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def _choose_split(self, meta: PartialKVMetadata, wait: Wait, kernel_profiled: bool) -> None:
+        """Per batch: how many leading blocks of each restore to recompute from activations.
+        An asynchronous restore shares the GPU with other requests' steps (busy profile); one
+        waited for per layer shares it with this step's own forward, which the planner models."""
+        loads = meta.loads
+        requests = [planner.RestoreRequest(len(s.block_ids), s.recompute_blocks) for s in loads]
+        if self.cfg.recompute_ratio is None and self.profiles and not kernel_profiled:
+            # The kernel failed while serving (it passed start-up tuning). Profiling the torch
+            # path now would stall this restore and every request behind it; streaming only is
+            # never slower than plain offload.
+            logger.warning(
+                "partial_kv: recompute now runs on the unprofiled %s path; restores stream all "
+                "blocks from now on (restart to profile it)", self.runtime.kernel,
+            )
+            self.cfg = replace(self.cfg, recompute_ratio=0.0)
+        if not self.with_act:
+            split = [0] * len(loads)
+        else:
+            profile = self.profiles.get(meta.busy and wait == "none")
+            forward_s = 0.0
+            if wait == "layers" and profile is not None:
+                forward_s = planner.forward_seconds(self.plan_shape, profile, meta.forward_tokens)
+            split = planner.plan_split(
+                self.plan_shape, profile, requests, ratio=self.cfg.recompute_ratio,
+                max_recompute_tokens=self.runtime.max_recompute_tokens, forward_s=forward_s,
+            )
+        for spec, r in zip(loads, split):  # activations-only blocks have nothing to stream
+            spec.recompute_blocks = max(r, spec.must_recompute)
+        logger.debug("partial_kv: restoring %s blocks, recomputing %s", [len(s.block_ids) for s in loads], split)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.runtime is not None:
+            self.runtime.wait_layer(layer_name)
+
+    def wait_for_save(self, meta) -> None:
+        if self.runtime is None:
+            return
+        self.runtime.finish_step()
+        if not isinstance(meta, PartialKVMetadata):
+            return
+        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture, meta.store_kv)
+
+    def get_kv_connector_stats(self):
+        if self.runtime is None:
+            return None
+        step = self.runtime.take_stats()
+        self._stats.add(step, self.block_size)
+        self.totals.add(step, self.block_size)
+        if self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, PartialKVStats()
+        return out
