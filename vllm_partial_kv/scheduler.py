@@ -92,13 +92,15 @@ class PartialKVScheduler:
         )
 
     # ========================================================================== scheduler half
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         hashes = compat.request_block_hashes(request)
         first = num_computed_tokens // self.block_size
         # vLLM must compute at least one token itself.
         wanted = hashes[first : max(first, (request.num_tokens - 1) // self.block_size)]
         hits, forced = self._hits(wanted)
         stored: list[bool] = []
+        if self.storage is not None and hits < len(wanted) and self.storage.is_filling(wanted[hits]):
+            return None, False  # another request reads the next block from storage: ask again later
         if self.storage is not None and hits < len(wanted) and wanted[hits] not in self.index:
             stored, forced = self._storage_hits(wanted[hits:], hits, forced)
         if hits + len(stored) == 0:
