@@ -128,10 +128,15 @@ class PartialKVScheduler:
 
     def _storage_hits(self, hashes: list[bytes], n: int, forced: int) -> tuple[list[bool], int]:
         """The storage tier's leading blocks after `n` host hits (with activations, per block), by
-        the host hits' rule for blocks that take activations-only slots."""
+        the host hits' rule for blocks that take activations-only slots, and as many as the host
+        store has slots for that no load pins (the `n` host hits will be pinned too)."""
         capacity = self.cfg.max_recompute_tokens // self.block_size - self._forced_blocks
+        usage = self.index.usage()
+        room = usage.capacity - usage.pinned - n
         out = []
         for has_act in self.storage.lookup(hashes, self.index):
+            if len(out) >= room:
+                break
             if self.layout == "act" and has_act:
                 if n > forced or forced >= capacity:
                     break
