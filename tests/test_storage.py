@@ -378,3 +378,13 @@ def test_storage_config_keys_are_validated():
                       ({"storage_dir": "/x", "async_load": False}, "async_load")]:
         with pytest.raises(ConfigError, match=name):
             parse_config(bad)
+
+
+def test_the_throughput_benchmark_runs(tmp_path):
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "storage.py"
+    out = subprocess.run([sys.executable, str(script), "--dir", str(tmp_path), "--block-mib", "0.25",
+                          "--total-mib", "4", "--repeats", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "read:  plain" in out.stdout and "ratio" in out.stdout and list(tmp_path.iterdir()) == []

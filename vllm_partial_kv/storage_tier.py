@@ -180,7 +180,7 @@ class WorkerTier:
             return storage.slot_segments(pool.buffer, kv_views * with_kv + act_views * with_act, slot)
 
         self.io = storage.StorageIO(cfg.storage_dir, key, segments, cfg.storage_io_threads, cfg.storage_fsync)
-        self.block_bytes = len(b"".join(segments(0, True, bool(act_views))))  # payload of a full block
+        self.block_bytes = sum(len(s) for s in segments(0, True, bool(act_views)))  # a full block's payload
         self.pending: dict[str, _Pending] = {}
 
     def link(self, cfg: PartialKVConfig) -> tuple[float, float]:
