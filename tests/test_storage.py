@@ -175,8 +175,11 @@ def test_a_read_waits_for_the_write_of_its_block_and_a_slot_for_the_write_readin
 
 
 # ------------------------------------------------------------------------------- several writers
+WIDE = 256  # layers of the several-writer tests' blocks (~160 KiB): a write is not one instant
+
+
 def _writer(root: str, seed: int, blocks: int, bound: int | None, start) -> None:
-    pool = Pool(blocks, seed=0)  # same content for the same blocks in every writer
+    pool = Pool(blocks, seed=0, layers=WIDE)  # same content for the same blocks in every writer
     io = StorageIO(root, KEY if seed < 100 else OTHER, pool.segments, threads=4)
     index = StorageIndex(root, [KEY], bound or 1 << 40, 3600, len(pool.slot_bytes(0)))
     start.wait()
@@ -189,24 +192,45 @@ def _writer(root: str, seed: int, blocks: int, bound: int | None, start) -> None
     io.close()
 
 
-def _run_writers(root: str, seeds: list[int], blocks: int, bound: int | None) -> None:
+def _reader(root: str, blocks: int, start, stop, seen) -> None:
+    """Reads every block over and over while the writers run: each read finds no file or a whole one."""
+    dst = Pool(1, seed=7, layers=WIDE)
+    start.wait()
+    while not stop.is_set():
+        for i in range(blocks):
+            try:
+                _read(root, dst, 0, h(i))
+                seen["whole"] += 1
+            except FileNotFoundError:
+                pass
+            except Rejected as e:
+                seen[e.kind] = seen.get(e.kind, 0) + 1
+
+
+def _run_writers(root: str, seeds: list[int], blocks: int, bound: int | None) -> dict:
     ctx = mp.get_context("fork")
-    start = ctx.Event()
+    start, stop = ctx.Event(), ctx.Event()
+    seen = ctx.Manager().dict(whole=0)
     procs = [ctx.Process(target=_writer, args=(root, s, blocks, bound, start)) for s in seeds]
-    for p in procs:
+    reader = ctx.Process(target=_reader, args=(root, blocks, start, stop, seen))
+    for p in [*procs, reader]:
         p.start()
     start.set()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+    stop.set()
+    reader.join(60)
+    return dict(seen)
 
 
 def test_two_writers_of_the_same_blocks_leave_one_valid_copy_each(tmp_path):
     root = str(tmp_path)
-    _run_writers(root, [1, 2], 64, None)
+    seen = _run_writers(root, [1, 2], 64, None)
+    assert set(seen) == {"whole"}, seen  # no reader ever saw a partial file
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) == 64 and not [p for p in files if p.name.endswith(".tmp")]
-    pool, dst = Pool(64, seed=0), Pool(1, seed=5)
+    pool, dst = Pool(64, seed=0, layers=WIDE), Pool(1, seed=5, layers=WIDE)
     for i in range(64):
         _read(root, dst, 0, h(i))
         assert dst.slot_bytes(0) == pool.slot_bytes(i)
@@ -214,7 +238,7 @@ def test_two_writers_of_the_same_blocks_leave_one_valid_copy_each(tmp_path):
 
 def test_the_size_bound_holds_with_two_writers_and_evicts_least_recently_used(tmp_path):
     root = str(tmp_path)
-    file_bytes = os.path.getsize(_write(root, Pool(1), 0, h(10**6)))
+    file_bytes = os.path.getsize(_write(root, Pool(1, layers=WIDE), 0, h(10**6)))
     os.utime(block_path(root, KEY, h(10**6), True), (time.time() + 3600,) * 2)  # recently read: kept
     bound = 40 * file_bytes
     _run_writers(root, [1, 2, 100], 48, bound)  # two instances of this identity and one of another
