@@ -412,3 +412,12 @@ def test_the_throughput_benchmark_runs(tmp_path):
                           "--total-mib", "4", "--repeats", "1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "read:  plain" in out.stdout and "ratio" in out.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_block_hashes_are_shared_across_processes_with_a_shared_seed(monkeypatch):
+    from vllm_partial_kv import compat
+
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    assert compat.block_hashes_reproducible("xxhash") is False  # random per process without a seed
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    assert compat.block_hashes_reproducible("xxhash") is True

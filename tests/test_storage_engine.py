@@ -71,6 +71,17 @@ def _wait_scanned(llm) -> None:
         time.sleep(0.05)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_hash_seed():
+    """vLLM 0.26 seeds block hashes randomly per engine unless PYTHONHASHSEED is set (README)."""
+    from vllm_partial_kv import compat
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not compat.block_hashes_reproducible("sha256"):
+            mp.setenv("PYTHONHASHSEED", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     """The reference tokens (no plugin) of first turns and of returning turns, and a directory

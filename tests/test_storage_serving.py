@@ -53,8 +53,13 @@ def _counter(server, name: str) -> float:
     return metric_sum(server.metrics(), f"vllm:partial_kv_{name}_total")
 
 
-def test_server_b_restores_what_server_a_wrote(tiny_model, tmp_path):
+def test_server_b_restores_what_server_a_wrote(tiny_model, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
+
+    from vllm_partial_kv import compat
+
+    if not compat.block_hashes_reproducible("sha256"):  # vLLM 0.26 seeds block hashes per process
+        monkeypatch.setenv("PYTHONHASHSEED", "0")
 
     model = tiny_model("llama2")
     tok = AutoTokenizer.from_pretrained(model)

@@ -24,7 +24,7 @@ import os
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from vllm_partial_kv import storage
+from vllm_partial_kv import compat, storage
 from vllm_partial_kv.config import PartialKVConfig
 from vllm_partial_kv.deployment import model_shape, served_layout
 from vllm_partial_kv.metrics import PartialKVStats
@@ -103,6 +103,10 @@ class SchedulerTier:
         self.hit_blocks = 0
         self.missed_lookups = 0
         self._reported_bytes = -1
+        if not compat.block_hashes_reproducible(str(vllm_config.cache_config.prefix_caching_hash_algo)):
+            logger.warning("partial_kv: this vLLM hashes blocks differently in every process unless PYTHONHASHSEED "
+                           "is set: the storage tier finds only this process's blocks; set PYTHONHASHSEED to one "
+                           "value on every instance that shares %s", cfg.storage_dir)
         if vllm_config.kv_transfer_config.kv_load_failure_policy != "recompute":
             logger.warning("partial_kv: storage_dir is set but kv_load_failure_policy is not \"recompute\": a "
                            "block file that cannot be read fails its request instead of being recomputed")
