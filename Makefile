@@ -15,7 +15,7 @@ V026       := .venv-vllm026
 V026_PY    := $(V026)/bin/python
 V026_STAMP := $(V026)/.installed-$(shell cat pyproject.toml tests/requirements-vllm026.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup test demo clean test-vllm026
+.PHONY: setup test demo clean test-vllm026 check-vllm-latest
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ $(V026_STAMP):
 
 test-vllm026: $(V026_STAMP)
 	$(V026_PY) -m pytest -ra
+
+# On demand, not in CI: the touch-point check against the newest vLLM on PyPI (its wheel, read, not
+# installed; cached in ~/.cache/vllm_partial_kv/wheels), to see what the next release breaks.
+check-vllm-latest:
+	$(PYTHON) -m vllm_partial_kv.touchpoints --download latest
 
 demo: setup
 	$(VENV)/bin/vllm-partial-kv demo

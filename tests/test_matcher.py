@@ -123,3 +123,31 @@ def test_config_check_names_an_architecture_outside_the_matcher() -> None:
     cfg.model_config.architectures = ["GPTNeoXForCausalLM"]
     reason = matcher.why_not_matched(cfg)
     assert "TransformersForCausalLM (for GPTNeoXForCausalLM)" in reason
+
+
+@pytest.mark.parametrize("entry, reason", [
+    (SimpleNamespace(module_name="vllm.model_executor.models.gpt_neox", class_name="GPTNeoXForCausalLM"), None),
+    (SimpleNamespace(module_name="vllm.model_executor.models.transformers", class_name="TransformersForCausalLM"),
+     "serves GPTNeoXForCausalLM by vllm.model_executor.models.transformers.TransformersForCausalLM"),
+    (SimpleNamespace(model_cls=SimpleNamespace), "by types.SimpleNamespace"),  # a plugin's class
+    (None, "by a class outside its registry"),
+])
+def test_config_check_reads_the_class_vllm_instantiates(entry, reason) -> None:
+    """The architecture's name alone says nothing of the code that runs it: vLLM 0.32 serves GPT-NeoX
+    and Phi-2 through its Transformers backend (0.26 by classes of its own), 0.34 StableLM; a plugin
+    may register its own class under a known name."""
+    cfg = _config("GPTNeoXForCausalLM")
+    cfg.model_config.registry = SimpleNamespace(models={} if entry is None else {"GPTNeoXForCausalLM": entry})
+    got = matcher.why_not_matched(cfg)
+    assert got is None if reason is None else reason in got, got
+
+
+def test_config_check_follows_this_vllms_registry() -> None:
+    """Against the installed vLLM's own registry: GPT-NeoX and Phi-2 recompute where it has classes of
+    their own for them (0.26), not where its Transformers backend serves them (0.32)."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    for arch in ("GPTNeoXForCausalLM", "PhiForCausalLM", "StableLmForCausalLM", "LlamaForCausalLM"):
+        backend = ModelRegistry.models[arch].module_name.endswith(".transformers")
+        reason = matcher.why_not_matched(_config(arch))
+        assert (reason is not None and "not by its own model code" in reason) == backend, (arch, reason)

@@ -204,8 +204,13 @@ def test_host_layout_is_validated():
     assert parse_config({"host_layout": "kv"}).wants_activations is False
     with pytest.raises(ConfigError, match="host_layout must be one of"):
         parse_config({"host_layout": "kv-act"})
-    with pytest.raises(ConfigError, match="host_layout \"kv\" keeps no activations"):
+    # A fixed ratio the layout cannot serve stops start-up, both ways, naming both keys.
+    with pytest.raises(ConfigError, match="host_layout \"kv\" keeps no activations.*recompute_ratio 0.5 cannot"):
         parse_config({"host_layout": "kv", "recompute_ratio": 0.5})
+    with pytest.raises(ConfigError, match="host_layout \"act\" keeps activations .*recompute_ratio 0.0 cannot"):
+        parse_config({"host_layout": "act", "recompute_ratio": 0})
+    assert parse_config({"host_layout": "act", "recompute_ratio": "auto"}).wants_activations is None
+    assert parse_config({"host_layout": "kv", "recompute_ratio": 0}).wants_activations is False
 
 
 
@@ -213,12 +218,13 @@ def _scheduler_half(layout: str, max_recompute_tokens: int):
     """The connector's scheduler half around a real BlockIndex (room for every block of the test:
     nothing is evicted), blocks of 4 tokens, without an engine."""
     from vllm_partial_kv.config import PartialKVConfig
-    from vllm_partial_kv.scheduler import PartialKVScheduler
+    from vllm_partial_kv.scheduler import PartialKVScheduler, RestoreBreaker
     from vllm_partial_kv.store import BlockIndex
 
     conn = PartialKVScheduler.__new__(PartialKVScheduler)
     conn.cfg = PartialKVConfig(max_recompute_tokens=max_recompute_tokens, host_layout=layout)
-    conn.block_size, conn._forced_blocks, conn._matched = 4, 0, {}
+    conn.block_size, conn._forced_blocks, conn._matched, conn.reqs = 4, 0, {}, {}
+    conn.breaker = RestoreBreaker()
     conn.index = BlockIndex(32, act_slots=32 if layout == "act" else 0)
     return conn
 

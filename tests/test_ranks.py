@@ -40,7 +40,8 @@ def _connector(rank: int, ranks, fail_layer: int | None):
     rank the recompute of layer `fail_layer` raises (as an allocation failing on one GPU would)."""
     from vllm_partial_kv import planner
     from vllm_partial_kv.config import parse_config
-    from vllm_partial_kv.connector import PartialKVMetadata, PartialRecomputeConnector
+    from vllm_partial_kv.metadata import PartialKVMetadata
+    from vllm_partial_kv.worker import PartialKVWorker
     from vllm_partial_kv.faults import RestoreFaults
     from vllm_partial_kv.restore import LoadSpec, RestoreRuntime
     from vllm_partial_kv.store import HostPool
@@ -61,7 +62,7 @@ def _connector(rank: int, ranks, fail_layer: int | None):
             raise torch.OutOfMemoryError(f"simulated: allocation failed on rank {rank}")
 
     rt._recompute = recompute
-    conn = object.__new__(PartialRecomputeConnector)
+    conn = object.__new__(PartialKVWorker)
     conn.cfg = parse_config({"recompute_ratio": 1.0})
     conn.with_act = True
     conn.runtime = rt
@@ -72,18 +73,17 @@ def _connector(rank: int, ranks, fail_layer: int | None):
     conn.plan_shape = planner.ModelShape(LAYERS, HIDDEN, HEADS, HEAD, 4, BS, act_shards=ranks.size)
     conn._failed_blocks, conn._loading = set(), {}
     meta = PartialKVMetadata(loads=[LoadSpec([0, 1, 2], [5, 6, 7], 0, 3, req_id="r")])
-    conn._get_connector_metadata = lambda: meta
-    return conn, calls
+    return conn, meta, calls
 
 
 def _one_failing_rank(rank: int, port: int, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     ranks = _ranks(rank, 2)
-    conn, calls = _connector(rank, ranks, fail_layer=1 if rank == 1 else None)
+    conn, meta, calls = _connector(rank, ranks, fail_layer=1 if rank == 1 else None)
     for step in ("failing", "next"):  # the next step's restore: every rank healthy again
         t0 = time.monotonic()
-        conn.start_load_kv(None)
+        conn.start_load_kv(meta, None)
         results[f"{rank}-{step}"] = {"seconds": time.monotonic() - t0, "recomputed": len(calls),
                                      "failed": sorted(conn.get_block_ids_with_load_errors())}
         calls.clear()

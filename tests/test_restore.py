@@ -220,7 +220,7 @@ def _watch_fences(llm) -> dict:
     from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
     core = _scheduler(llm)
-    connector, seen = core.connector, {"unfenced": set(), "skipped": 0}
+    connector, seen = core.connector.scheduler, {"unfenced": set(), "skipped": 0}
     build = connector.build_connector_meta
 
     def checked(scheduler_output):
@@ -329,48 +329,14 @@ def _compile_key(llm) -> str:
     the config the model was built with, in the worker."""
 
     def key(self) -> str:
+        from vllm_partial_kv import compat
+
         worker = getattr(self, "worker", self)
         # A model class without vLLM's compile decorator (StableLM on 0.26) keeps no config of its own.
         configs = (m.vllm_config for m in worker.model_runner.get_model().modules() if hasattr(m, "vllm_config"))
-        return next(configs, worker.vllm_config).compute_hash()
+        return compat.compile_key(next(configs, worker.vllm_config))
 
     return llm.collective_rpc(key)[0]
-
-
-def test_architecture_outside_the_matcher_serves_plain_kv_with_one_warning(tiny_model, make_llm, monkeypatch,
-                                                                           hf_classes_restored):
-    """vLLM's Transformers backend runs Hugging Face's attention code, which rotates K in a function:
-    both halves offload plain K/V, say why once, and the tokens under eviction are those of vLLM
-    without the plugin."""
-    from vllm_partial_kv import deployment
-
-    monkeypatch.setattr(deployment, "_warned_no_capture", set())
-    warnings = []
-    warn = deployment.logger.warning  # vLLM reconfigures its loggers at start-up: caplog misses them
-    monkeypatch.setattr(deployment.logger, "warning", lambda msg, *a: (warnings.append(msg % a), warn(msg, *a)))
-    sp = SamplingParams(temperature=0, max_tokens=24)
-    model = tiny_model("llama2")
-    small = dict(kv_cache_memory_bytes=_kv_bytes(model, 2048), max_model_len=1024, model_impl="transformers")
-    baseline = _conversations(make_llm(model, **small), 4, 2, sp)
-    llm = make_llm(model, **small, kv_transfer_config=_connector_cfg(0.5))
-    assert _conversations(llm, 4, 2, sp) == baseline
-    totals = _worker().totals.data
-    del llm
-    assert totals["tokens_loaded"] > 0 and totals["tokens_recomputed"] == 0, totals
-    warnings = [w for w in warnings if "cannot recompute" in w]
-    assert len(warnings) == 1 and "TransformersForCausalLM (for LlamaForCausalLM)" in warnings[0], warnings
-
-
-def test_structure_that_disagrees_with_the_config_check_stops_startup(tiny_model, make_llm, monkeypatch,
-                                                                      hf_classes_restored):
-    """Had the config check admitted a model whose layers the structural match refuses, the scheduler
-    would plan restores from activations the worker never captures: start-up stops instead."""
-    from vllm_partial_kv import matcher
-
-    monkeypatch.setattr(matcher, "MATCHED_ARCHITECTURES", matcher.MATCHED_ARCHITECTURES | {"TransformersForCausalLM"})
-    # vLLM 0.32 puts the Attention layers in Hugging Face's blocks; 0.26 keeps them outside the module tree.
-    with pytest.raises(Exception, match="attention block LlamaAttention is not vLLM's code|no vLLM Attention layer"):
-        make_llm(tiny_model("llama2"), model_impl="transformers", kv_transfer_config=_connector_cfg(0.5))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

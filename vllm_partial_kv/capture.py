@@ -71,10 +71,16 @@ _LAYERS: dict[str, LayerRecompute] = {}
 _BUFFERS: dict[str, torch.Tensor] = {}
 _MAP: list[tuple[torch.Tensor, int]] = []  # (KV block -> capture block, block size), once bound
 _COLUMNS: list[int] = [0, 0]  # this rank's columns of a row, [start, end)
+_NOT_INSTALLED: list[str] = []  # why the last install hooked nothing
 
 
 def layers() -> dict[str, LayerRecompute]:
     return _LAYERS
+
+
+def why_not_installed() -> str | None:
+    """Why the structural match refused this process's model (None: hooked, or never asked)."""
+    return _NOT_INSTALLED[0] if _NOT_INSTALLED else None
 
 
 def bind_buffers(buffers: dict[str, torch.Tensor], block_map: torch.Tensor | None = None,
@@ -148,22 +154,25 @@ def why_not_captured(vllm_config) -> str | None:
 
 def install(model: nn.Module, vllm_config) -> None:
     """Hook every attention block of a freshly loaded model (called by the model-loader wrap
-    when `deployment.activations_wanted`)."""
+    when `deployment.activations_wanted`). Where the structure refuses a model the configuration
+    check admitted, nothing is hooked and one warning says why: this worker then never recomputes
+    (`why_not_installed`, read by the worker half)."""
     _LAYERS.clear()
+    _NOT_INSTALLED.clear()
     try:
         matches = matcher.match_layers(model)
+        if not matches:
+            raise matcher.Mismatch("no vLLM Attention layer found to capture activations for")
+        described = {name: _describe(match) for name, match in matches.items()}
     except matcher.Mismatch as e:
-        raise RuntimeError(
-            f"partial_kv: {e}, although this model's configuration passes the check the scheduler "
-            "makes; set recompute_ratio=0 to offload plain KV for it, and please report it"
-        ) from e
-    if not matches:
-        raise RuntimeError(
-            "partial_kv: no vLLM Attention layer found to capture activations for; "
-            "set recompute_ratio=0 to offload plain KV for this model"
+        _NOT_INSTALLED.append(str(e))
+        logger.warning(
+            "partial_kv: cannot recompute from activations: %s, although this model's configuration passes "
+            "the check the scheduler makes; this worker offloads plain K/V (please report it)", e,
         )
+        return
     for name, match in matches.items():
-        _LAYERS[name] = _describe(match)
+        _LAYERS[name] = described[name]
         match.qkv_proj.register_forward_hook(_hook(name))
     first = next(iter(_LAYERS.values()))
     logger.info(
@@ -184,10 +193,10 @@ def _describe(match: matcher.Match) -> LayerRecompute:
     weight = getattr(qkv, "weight", None)
     method = type(getattr(qkv, "quant_method", None)).__name__
     if weight is None or not weight.is_floating_point() or method != "UnquantizedLinearMethod":
-        raise RuntimeError(f"partial_kv: {attn.layer_name}: its QKV projection is quantized ({method})")
+        raise matcher.Mismatch(f"{attn.layer_name}: its QKV projection is quantized ({method})")
     if qkv.output_size_per_partition != q_size + 2 * kv_size:
-        raise RuntimeError(
-            f"partial_kv: {attn.layer_name}: its QKV projection has {qkv.output_size_per_partition} "
+        raise matcher.Mismatch(
+            f"{attn.layer_name}: its QKV projection has {qkv.output_size_per_partition} "
             f"outputs, expected {q_size + 2 * kv_size}"
         )
     return LayerRecompute(

@@ -1,10 +1,12 @@
 """Every difference between the vLLM versions the plugin supports (0.26 on the GPU, 0.32 on the
-CPU build, 0.33) lives here, so that the rest of the package imports one stable surface."""
+CPU build, 0.33, 0.34) lives here, so that the rest of the package imports one stable surface."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # noqa: F401
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-MIN_VERSION = Version("0.26")
+# The releases the plugin is checked against, as (major, minor): the oldest, and the newest (0.34 by
+# reading its source and `python -m vllm_partial_kv.touchpoints`, as no CPU build of it exists).
+SUPPORTED = ((0, 26), (0, 34))
+ALLOW_UNTESTED_ENV = "VLLM_PARTIAL_KV_ALLOW_UNTESTED_VLLM"
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -41,9 +46,39 @@ def vllm_version() -> Version:
     return Version(vllm.__version__)
 
 
+def supported_range() -> str:
+    (lo_major, lo_minor), (hi_major, hi_minor) = SUPPORTED
+    return f"vllm>={lo_major}.{lo_minor},<{hi_major}.{hi_minor + 1}"
+
+
+class UnsupportedVllm(SystemExit):
+    """Start-up refused for the vLLM version. A SystemExit, so that the process ends with this one
+    line instead of a traceback: vLLM calls plugins bare (`load_general_plugins`, 0.26 to 0.34),
+    from EngineArgs and the CLI's parser set-up."""
+
+
+@functools.cache
 def check_version() -> None:
-    if vllm_version() < MIN_VERSION:
-        raise RuntimeError(f"vllm-partial-kv needs vLLM >= {MIN_VERSION}, found {vllm_version()}")
+    """Refuse a vLLM outside the supported range; one newer than the newest checked starts only
+    with ALLOW_UNTESTED_ENV=1, with one warning. Cached: vLLM loads plugins more than once."""
+    found = vllm_version()
+    if found.release[:2] < SUPPORTED[0]:
+        raise UnsupportedVllm(
+            f"error: vllm-partial-kv needs {supported_range()}, found vLLM {found}; install a supported vLLM"
+        )
+    if found.release[:2] <= SUPPORTED[1]:
+        return
+    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        logger.warning(
+            "partial_kv: vLLM %s is newer than the newest release this plugin is checked against "
+            "(%s); starting anyway because %s=1: K/V restores may be wrong or fail",
+            found, supported_range(), ALLOW_UNTESTED_ENV,
+        )
+        return
+    raise UnsupportedVllm(
+        f"error: vllm-partial-kv is checked against {supported_range()}, found vLLM {found}; install a "
+        f"supported vLLM, or set {ALLOW_UNTESTED_ENV}=1 to start at your own risk"
+    )
 
 
 def register_connector(name: str, module_path: str, class_name: str) -> None:
@@ -100,10 +135,10 @@ def wrap_model_loader(after_load: Callable[[torch.nn.Module, Any], None]) -> Non
 def add_to_compile_key(vllm_config: Any, key: str, value: Any) -> None:
     """Make `key: value` part of the hash vLLM names its torch.compile caches by.
 
-    `VllmConfig.compute_hash` (the config factor of both the AOT-compile and the backend cache
-    directories, vLLM 0.26 to 0.33) hashes `additional_config` but not the connector's extra
-    config, so without this a run with the capture hooks could load a graph compiled without them.
-    Call it before the first forward, which is when vLLM computes the key."""
+    That hash (`compile_key`; the config factor of both the AOT-compile and the backend cache
+    directories) covers `additional_config` but not the connector's extra config, so without this
+    a run with the capture hooks could load a graph compiled without them. Call it before the first
+    forward, which is when vLLM computes the key."""
     extra = vllm_config.additional_config
     if not isinstance(extra, dict):
         raise RuntimeError(
@@ -111,6 +146,16 @@ def add_to_compile_key(vllm_config: Any, key: str, value: Any) -> None:
             f"{type(extra).__name__}, not a dict; set recompute_ratio 0 or VLLM_DISABLE_COMPILE_CACHE=1"
         )
     extra[key] = value
+
+
+def compile_key(vllm_config: Any) -> str:
+    """The config hash vLLM names its torch.compile caches by: `VllmConfig.compute_hash()` (0.26
+    to 0.33), the hash of `compile_factors()` (0.34, `compute_env_and_config_hashes`)."""
+    if hasattr(vllm_config, "compute_hash"):
+        return vllm_config.compute_hash()
+    from vllm.config.utils import hash_factors
+
+    return hash_factors(vllm_config.compile_factors())
 
 
 def worker_class() -> type:
@@ -133,6 +178,29 @@ def attention_layer_class() -> type:
     except ImportError:
         from vllm.attention.layer import Attention
     return Attention
+
+
+TRANSFORMERS_BACKEND = "vllm.model_executor.models.transformers"
+"""The package of vLLM's Transformers backend (the same on 0.26 to 0.34): its classes run Hugging Face's
+attention code, not vLLM's."""
+
+
+def model_class(model_config: Any) -> str | None:
+    """`module.Class` of the model class vLLM instantiates, from its registry entry for the architecture
+    it resolved (`model_config.architecture`), without importing it: the Transformers backend's class
+    where vLLM serves the family through it (GPT-NeoX and Phi-2 on 0.32, StableLM on 0.34, any model
+    with `model_impl="transformers"`), a plugin's class where one registered the name. None where the
+    registry has no entry under that name (vLLM then converted or adapted the class)."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    registry = getattr(model_config, "registry", None) or ModelRegistry  # with the config's overrides
+    entry = registry.models.get(model_config.architecture)
+    if entry is None:
+        return None
+    cls = getattr(entry, "model_cls", None)  # a class registered as a class, not by name
+    if cls is not None:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{entry.module_name}.{entry.class_name}"
 
 
 def rotary_classes() -> tuple[type, type, type]:

@@ -105,10 +105,7 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
         if extra["host_layout"] not in HOST_LAYOUTS:
             raise ConfigError(f"host_layout must be one of {list(HOST_LAYOUTS)}, got {extra['host_layout']!r}")
         out["host_layout"] = extra["host_layout"]
-        if out["host_layout"] == "kv" and out.get("recompute_ratio"):
-            raise ConfigError(
-                f"host_layout \"kv\" keeps no activations: recompute_ratio {out['recompute_ratio']} cannot be served"
-            )
+        _check_layout_and_ratio(out["host_layout"], out.get("recompute_ratio"))
     if "kernel" in extra:
         if extra["kernel"] not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernel must be auto, triton or torch, got {extra['kernel']!r}")
@@ -118,6 +115,21 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
             raise ConfigError(f"profile_cache_dir must be a directory path, got {extra['profile_cache_dir']!r}")
         out["profile_cache_dir"] = extra["profile_cache_dir"]
     return PartialKVConfig(**out)
+
+
+def _check_layout_and_ratio(layout: str, ratio: float | None) -> None:
+    """A fixed ratio the layout cannot serve is refused, not quietly replaced: "kv" keeps nothing to
+    recompute from, "act" keeps activations in place of K/V, so each of its restores recomputes."""
+    if layout == "kv" and ratio:
+        raise ConfigError(
+            f"host_layout \"kv\" keeps no activations, so nothing can be recomputed: recompute_ratio {ratio} "
+            "cannot be served; set recompute_ratio 0 or \"auto\", or host_layout \"kv+act\""
+        )
+    if layout == "act" and ratio == 0:
+        raise ConfigError(
+            f"host_layout \"act\" keeps activations in place of K/V, so every restore recomputes: recompute_ratio "
+            f"{ratio} cannot be served; set recompute_ratio above 0 or \"auto\", or host_layout \"kv\""
+        )
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -41,6 +41,9 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    def may_load_async(self, request) -> bool:  # vLLM >= 0.34 asks; older ones never do
+        return self.scheduler.may_load_async(request)
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 

@@ -4,8 +4,9 @@ Two checks, which must agree:
 
 - `why_not_matched(vllm_config)`, from configuration alone. The scheduler has no model, yet its
   store plans and the KV/activation memory split depend on the answer, so both halves ask this
-  and get the same answer: the model class vLLM resolved must be one whose attention blocks the
-  structural match below is tested on (`MATCHED_ARCHITECTURES`), and the configured positional
+  and get the same answer: the architecture vLLM resolved must be one whose attention blocks the
+  structural match below is tested on (`MATCHED_ARCHITECTURES`), served by vLLM's own model code for it
+  (the class its registry instantiates, not its Transformers backend), and the configured positional
   transform must be one that indexes a fixed cos/sin table by position.
 - `match_layers(model)`, on the worker's loaded model, by structure rather than attribute names:
   for every vLLM `Attention` layer in a block of vLLM's own code, the `QKVParallelLinear` beside it
@@ -13,8 +14,9 @@ Two checks, which must agree:
   projected, as with learned positions or ALiBi). The absence of a rotary module proves nothing
   about code that could rotate K in a function, which is why the configuration check names the
   families whose code is known. It is authoritative for *how* K/V are recomputed; where it fails for a
-  deployment the configuration admitted, start-up stops naming the layer and the reason rather
-  than quietly serving a scheduler that plans restores the worker cannot do.
+  deployment the configuration admitted, that worker captures nothing and never recomputes (it
+  streams K/V and reports blocks kept without K/V as load errors, which vLLM recomputes), with one
+  warning: the scheduler's plans can then cost restores, never give wrong K/V.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ MATCHED_ARCHITECTURES = frozenset(
         "PhiForCausalLM",  # Phi-2: partial rotary, biases; vLLM 0.32 serves it by its Transformers backend
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",  # per-head K norm
-        "StableLmForCausalLM",  # neox partial rotary (0.25), K bias
+        "StableLmForCausalLM",  # neox partial rotary (0.25), K bias; vLLM 0.34 serves it by its Transformers backend
     }
 )
 
@@ -51,12 +53,19 @@ TABLE_ROPE_TYPES = frozenset({"default", "linear", "dynamic", "ntk", "yarn", "ll
 
 def why_not_matched(vllm_config) -> str | None:
     """Why this model's K/V cannot be recomputed from its layers' inputs (None when they can)."""
+    from vllm_partial_kv import compat
+
     mc = vllm_config.model_config
     arch = getattr(mc, "architecture", None) or (mc.architectures or ["?"])[0]
     if arch not in MATCHED_ARCHITECTURES:
         named = sorted(set(mc.architectures or []) - {arch})
         via = f" (for {', '.join(named)})" if named else ""
         return f"architecture {arch}{via} is not one of {sorted(MATCHED_ARCHITECTURES)}"
+    served = compat.model_class(mc)
+    if served is None or not served.startswith("vllm.") or served.startswith(compat.TRANSFORMERS_BACKEND + "."):
+        # The name alone says nothing of the code: vLLM 0.32 serves GPT-NeoX and Phi-2 through its
+        # Transformers backend, 0.34 StableLM, and model_impl="transformers" any model.
+        return f"this vLLM serves {arch} by {served or 'a class outside its registry'}, not by its own model code"
     text = mc.hf_text_config
     if getattr(text, "dual_chunk_attention_config", None):
         return "dual-chunk attention rotates K by chunk, not by position alone"

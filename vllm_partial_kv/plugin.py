@@ -6,7 +6,10 @@ from vllm_partial_kv import CONNECTOR_NAME
 
 
 def register() -> None:
-    from vllm_partial_kv import compat
+    try:
+        from vllm_partial_kv import compat
+    except ImportError as exc:  # compat imports vLLM's modules: a release that moved one
+        raise SystemExit(f"error: vllm-partial-kv cannot load beside this vLLM: {exc}") from None
 
     compat.check_version()
     compat.register_connector(CONNECTOR_NAME, "vllm_partial_kv.connector", CONNECTOR_NAME)

@@ -9,6 +9,8 @@ blocks to the KV blocks being filled. Everything it decides reaches the worker h
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,37 @@ class _Request:
     replace_ids: bool = True  # next block ids from the scheduler are the whole list
     capture: dict[int, int] = field(default_factory=dict)  # block index -> lent capture block
     fetch: list = field(default_factory=list)  # the load's blocks read from the storage tier first
+    load_failed: bool = False  # a restore of it failed: it never looks up the host store again
+
+
+class RestoreBreaker:
+    """Host hits are not offered for `cooldown_s` after `threshold` steps in a row whose restores
+    failed; then restores probe again, and one more failure opens it again at once (as vLLM 0.34's
+    `CircuitBreaker` in kv_connector/utils.py, which older vLLMs lack, does for transfers). A step's restores
+    count as done once an engine output two steps later reported none of them failed (with
+    asynchronous scheduling a step's output arrives after the next step is scheduled)."""
+
+    def __init__(self, threshold: int = 3, cooldown_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
+        self.failures = 0
+        self.open_until = 0.0
+
+    def allows(self) -> bool:
+        return self.clock() >= self.open_until
+
+    def failed(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = self.clock() + self.cooldown_s
+            logger.warning(
+                "partial_kv: restores failed in %d steps in a row; host hits are not offered for %.0f s",
+                self.failures, self.cooldown_s,
+            )
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
 
 
 class PartialKVScheduler:
@@ -76,6 +109,8 @@ class PartialKVScheduler:
         # with async scheduling a step's outcome arrives after the next step is scheduled.
         self._finished: list[tuple[int, _Request]] = []
         self._steps = 0
+        self._load_steps: list[int] = []  # steps that issued restores not yet known to have succeeded
+        self.breaker = RestoreBreaker()
         self._reported_usage: StoreUsage | None = None  # the gauges last sent to /metrics
         self.storage = None  # the storage tier's index (storage_tier.py), with storage_dir
         if cfg.storage_dir:
@@ -93,6 +128,9 @@ class PartialKVScheduler:
 
     # ========================================================================== scheduler half
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self.reqs.get(request.request_id)
+        if (state is not None and state.load_failed) or not self.breaker.allows():
+            return 0, False
         hashes = compat.request_block_hashes(request)
         first = num_computed_tokens // self.block_size
         # vLLM must compute at least one token itself.
@@ -108,6 +146,15 @@ class PartialKVScheduler:
         self._forced_blocks += forced
         self._matched[request.request_id] = (first, hits, stored)
         return (hits + len(stored)) * self.block_size, self.cfg.async_load
+
+    def may_load_async(self, request) -> bool:
+        """vLLM >= 0.34 asks this as a request enters its waiting queue (so it must be cheap): a
+        request whose restore may run asynchronously can then start it while the running batch is
+        full. One index look-up, of its first block; older vLLMs never ask."""
+        if not self.cfg.async_load or not self.breaker.allows():
+            return False
+        hashes = compat.request_block_hashes(request)
+        return bool(hashes) and (hashes[0] in self.index or (self.storage is not None and hashes[0] in self.storage.index))
 
     def _hits(self, hashes: list[bytes]) -> tuple[int, int]:
         """Leading stored blocks a restore can serve, and how many of them it must recompute:
@@ -193,6 +240,9 @@ class PartialKVScheduler:
         for req_id in scheduler_output.preempted_req_ids or ():
             if req_id in self.reqs:  # its blocks are freed: it starts them again when resumed
                 self._give_back_capture(self.reqs[req_id])
+                # Offered for storing again from block 0 (those still stored are only touched):
+                # copies evicted while it waited are stored again once recomputed.
+                self.reqs[req_id].stored_blocks = 0
         for req_id, new_ids, resumed in yield_req_data(scheduler_output):
             state = self.reqs.get(req_id)
             if state is None:
@@ -215,9 +265,12 @@ class PartialKVScheduler:
                 meta.loads.append(self._load_spec(req_id, state))
                 if state.fetch:
                     meta.fetches[req_id], state.fetch = state.fetch, []
+                    self.storage.fetching(req_id, meta.loads[-1].block_ids)
                 if self.cfg.async_load:  # the restore writes them; vLLM the rest once scheduled
                     meta.new_block_ids += meta.loads[-1].block_ids
         self._to_load = []
+        if meta.loads:
+            self._load_steps.append(self._steps)
         # Every lend before any give-back: a capture block one request's store reads after
         # this forward must not be written by another request's blocks in the same forward.
         for req_id, state in scheduled:
@@ -261,15 +314,25 @@ class PartialKVScheduler:
         vLLM recomputes the blocks; the entries are dropped so that it does not ask for them
         again (an asynchronous retry would hit them, and fail, forever), and so are the blocks
         the request stored after them: a synchronous restore's step computed those from the
-        unrestored K/V. They are stored again once vLLM has recomputed them."""
+        unrestored K/V. They are stored again once vLLM has recomputed them, but that request
+        never looks up the host store again (as vLLM 0.34's offloading), and steps of failed
+        restores in a row open the breaker (block files that could not be read do not: they are
+        misses of the storage tier, not restore failures)."""
+        unreadable = self.storage is not None and self.storage.only_fetched(connector_output.invalid_block_ids)
         for req_id in connector_output.finished_recving or ():
             self.index.unpin(self._in_flight.pop(req_id, []))
             if self.storage is not None:
                 self.storage.end_fill(req_id)
         invalid = connector_output.invalid_block_ids
-        if not invalid:
+        restored = {b: self._restored.pop(b) for b in invalid or () if b in self._restored}
+        if not restored:
+            if any(self._steps - step >= 2 for step in self._load_steps):
+                self.breaker.succeeded()
+                self._load_steps = [step for step in self._load_steps if self._steps - step < 2]
             return
-        restored = {b: self._restored.pop(b) for b in invalid if b in self._restored}
+        if not unreadable:
+            self.breaker.failed()
+            self._load_steps = []
         failed = list(restored.values())
         # Requests vLLM already finished (policy "fail") stored blocks after the failed ones too.
         for state in [*self.reqs.values(), *(s for _, s in self._finished)]:
@@ -279,7 +342,10 @@ class PartialKVScheduler:
             first = next(
                 (i for i, (b, h) in enumerate(zip(state.block_ids, hashes)) if restored.get(b) == h), None
             )
-            if first is not None and first < state.stored_blocks:
+            if first is None:
+                continue
+            state.load_failed = True  # as vLLM's own offloading: a faulting load is not retried
+            if first < state.stored_blocks:
                 failed += hashes[first : state.stored_blocks]
                 state.stored_blocks = first
         if self.storage is not None:  # a file that could not be read is not offered again
@@ -360,6 +426,8 @@ class PartialKVScheduler:
             self.storage.close()
             self.storage = None
             logger.warning("partial_kv: the storage tier is off after a cache reset (restart to use it again)")
+        for state in self.reqs.values():  # running requests store their blocks again, from block 0
+            state.stored_blocks = 0
         return True
 
     def store_gauges(self) -> PartialKVStats | None:

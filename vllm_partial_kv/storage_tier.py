@@ -100,6 +100,8 @@ class SchedulerTier:
         self.index.start()
         self.filling: dict[str, list[bytes]] = {}  # request -> blocks being read into host slots
         self._filling: set[bytes] = set()
+        self._fetch_loads: dict[str, list[int]] = {}  # request -> GPU blocks of its restore with reads
+        self._fetch_blocks: dict[int, str] = {}
         self.hit_blocks = 0
         self.missed_lookups = 0
         self._reported_bytes = -1
@@ -136,6 +138,18 @@ class SchedulerTier:
     def end_fill(self, req_id: str) -> None:
         for h in self.filling.pop(req_id, ()):
             self._filling.discard(h)
+        for b in self._fetch_loads.pop(req_id, ()):
+            self._fetch_blocks.pop(b, None)
+
+    def fetching(self, req_id: str, block_ids: list[int]) -> None:
+        """The GPU blocks of a restore that reads block files first."""
+        self._fetch_loads[req_id] = block_ids
+        self._fetch_blocks.update(dict.fromkeys(block_ids, req_id))
+
+    def only_fetched(self, invalid_block_ids) -> bool:
+        """Whether every failed block belongs to a restore that read block files (a file that is
+        gone or damaged fails its blocks, but says nothing about the restore path)."""
+        return bool(invalid_block_ids) and all(b in self._fetch_blocks for b in invalid_block_ids)
 
     def write_through(self, block_hash: bytes, has_act: bool) -> bytes:
         """The hash to write a newly stored block under, or b"" when the directory has it."""

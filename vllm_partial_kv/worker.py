@@ -45,6 +45,7 @@ class PartialKVWorker:
         self._faults = RestoreFaults.from_env()  # the documented test hook (faults.py)
         self._loading: dict[str, torch.cuda.Event | None] = {}  # async: request -> restore done
         self._ranks: TensorParallelRanks | None = None  # with activation shards, once caches exist
+        self.recomputes = with_act  # False where capture hooked nothing (set with the KV caches)
         self._stats = PartialKVStats()
         self.totals = PartialKVStats()  # since start-up, for logs and tests
         self.storage = None  # the storage tier's files (storage_tier.py), with storage_dir
@@ -55,7 +56,10 @@ class PartialKVWorker:
         vllm_config = self._vllm_config
         num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())))
         layers = capture.layers() if self.with_act else {}
-        if self.with_act and set(layers) != set(kv_caches):
+        # The structural match refused the model (capture.install warned): the scheduler still plans
+        # with activations, so the host layout and slots stay its own; this worker never recomputes.
+        self.recomputes = self.with_act and (bool(layers) or capture.why_not_installed() is None)
+        if self.recomputes and set(layers) != set(kv_caches):
             raise RuntimeError(
                 "partial_kv: activation capture hooks were not installed for every attention "
                 "layer (is the vllm_partial_kv plugin loaded?)"
@@ -112,7 +116,7 @@ class PartialKVWorker:
                 "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
                 kv_bytes * num_blocks / 2**30,
             )
-        if self.with_act and self.cfg.recompute_ratio is None:
+        if self.recomputes and self.cfg.recompute_ratio is None:
             self.profiles = self._load_profiles()
         if self.cfg.storage_dir:
             from vllm_partial_kv.storage_tier import WorkerTier
@@ -165,13 +169,15 @@ class PartialKVWorker:
     def start_load_kv(self, meta, forward_context) -> None:
         if not isinstance(meta, PartialKVMetadata) or not meta.loads or self.runtime is None:
             return
+        if not self.recomputes:
+            meta = self._refuse_activations_only(meta)
         if self.storage is not None and meta.fetches:  # restored once their files are read
             for spec in meta.loads:
                 if spec.req_id in meta.fetches:
                     self.storage.fetch(spec, meta.fetches[spec.req_id])
             meta = replace(meta, loads=[s for s in meta.loads if s.req_id not in meta.fetches])
-            if not meta.loads:
-                return
+        if not meta.loads:
+            return
         wait: Wait = "none"
         if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
@@ -218,6 +224,18 @@ class PartialKVWorker:
         if self.cfg.async_load:
             self._loading.update(dict.fromkeys((spec.req_id for spec in meta.loads), done))
 
+    def _refuse_activations_only(self, meta: PartialKVMetadata) -> PartialKVMetadata:
+        """Without capture, restores whose leading blocks are kept without K/V (host layout "act")
+        cannot be served here: reported as load errors at once, so that vLLM computes them."""
+        refused = [spec for spec in meta.loads if spec.must_recompute]
+        if not refused:
+            return meta
+        self._failed_blocks |= {b for spec in refused for b in spec.block_ids}
+        self.runtime.stats.failed_restores += len(refused)
+        if self.cfg.async_load:
+            self._loading.update(dict.fromkeys((spec.req_id for spec in refused), None))
+        return replace(meta, loads=[spec for spec in meta.loads if not spec.must_recompute])
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Asynchronous loads whose restore has completed on the device. Restores whose storage
         reads have ended are issued here (all at once under tensor parallelism: every rank must
@@ -257,7 +275,7 @@ class PartialKVWorker:
                 "blocks from now on (restart to profile it)", self.runtime.kernel,
             )
             self.cfg = replace(self.cfg, recompute_ratio=0.0)
-        if not self.with_act:
+        if not self.recomputes:
             split = [0] * len(loads)
         else:
             profile = self.profiles.get(meta.busy and wait == "none")
