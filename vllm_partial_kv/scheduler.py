@@ -86,6 +86,8 @@ class RestoreBreaker:
 
 
 class PartialKVScheduler:
+    storage = None  # the storage tier's index (storage_tier.SchedulerTier), with storage_dir
+
     def __init__(self, vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> None:
         self.cfg = cfg
         self.with_act = with_act
@@ -112,7 +114,6 @@ class PartialKVScheduler:
         self._load_steps: list[int] = []  # steps that issued restores not yet known to have succeeded
         self.breaker = RestoreBreaker()
         self._reported_usage: StoreUsage | None = None  # the gauges last sent to /metrics
-        self.storage = None  # the storage tier's index (storage_tier.py), with storage_dir
         if cfg.storage_dir:
             from vllm_partial_kv.storage_tier import SchedulerTier
 
