@@ -421,3 +421,57 @@ def test_block_hashes_are_shared_across_processes_with_a_shared_seed(monkeypatch
     assert compat.block_hashes_reproducible("xxhash") is False  # random per process without a seed
     monkeypatch.setenv("PYTHONHASHSEED", "7")
     assert compat.block_hashes_reproducible("xxhash") is True
+
+
+def _bare_scheduler(tmp_path, slots: int):
+    """The scheduler half around a real BlockIndex and StorageIndex, blocks of 4 tokens, no engine."""
+    from test_memory import _scheduler_half
+
+    from vllm_partial_kv.storage_tier import SchedulerTier
+    from vllm_partial_kv.store import BlockIndex
+
+    conn = _scheduler_half("kv+act", 64)
+    conn.index, conn.with_act, conn._to_load, conn.layout = BlockIndex(slots), True, [], "kv+act"
+    tier = SchedulerTier.__new__(SchedulerTier)
+    tier.index = StorageIndex(str(tmp_path), [KEY], 1 << 30, 3600, 1)
+    tier.filling, tier._filling, tier._fetch_loads, tier._fetch_blocks = {}, set(), {}, {}
+    tier.hit_blocks = tier.missed_lookups = 0
+    conn.storage = tier
+    return conn
+
+
+def _request(name: str, hashes: list[bytes]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(request_id=name, block_hashes=hashes, num_tokens=4 * len(hashes) + 1)
+
+
+def test_a_host_miss_continues_on_storage_and_a_block_being_read_makes_others_wait(tmp_path):
+    from types import SimpleNamespace
+
+    conn = _bare_scheduler(tmp_path, slots=8)
+    hashes = [h(i) for i in range(5)]
+    for b in hashes[:2]:
+        conn.index.allocate(b, has_activations=True)
+    for b in hashes[2:4]:
+        conn.storage.index.add(b, True)
+    first = _request("a", hashes)
+    assert conn.get_num_new_matched_tokens(first, 0) == (16, True)  # 2 from the host, 2 from storage
+    conn.update_state_after_alloc(first, SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13, 14],)), 16)
+    fetch = conn.reqs["a"].fetch
+    assert [f.block_hash for f in fetch] == hashes[2:4] and all(f.slot >= 0 and f.with_act for f in fetch)
+    assert conn.storage.hit_blocks == 2 and conn.storage.missed_lookups == 1
+    # Another request with the same prefix waits until the read ends, then restores from the host.
+    second = _request("b", hashes[:4] + [h(9)])
+    assert conn.get_num_new_matched_tokens(second, 0) == (None, False)
+    conn.storage.end_fill("a")
+    assert conn.get_num_new_matched_tokens(second, 0) == (16, True)
+
+
+def test_storage_blocks_are_offered_only_as_far_as_free_host_slots_go(tmp_path):
+    conn = _bare_scheduler(tmp_path, slots=3)
+    hashes = [h(i) for i in range(6)]
+    conn.index.allocate(hashes[0], has_activations=True)
+    for b in hashes[1:]:
+        conn.storage.index.add(b, True)
+    assert conn.get_num_new_matched_tokens(_request("a", hashes), 0)[0] == 4 * 3  # 1 host + 2 slots' worth
