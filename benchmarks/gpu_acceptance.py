@@ -9,8 +9,9 @@ end of its budget is stopped and keeps the checks it finished; time a part leave
 next; all stop by --total-s):
   1 correctness  `acceptance_checks.py`: restored K/V equal to the originals (r = 0, n/2, n) under vLLM's
                  defaults for a multi-head (llama2) and a Qwen3 tiny model, prompts shorter and longer than
-                 the piecewise CUDA-graph sizes, an fp8 cache; the same greedy tokens as vLLM without the
-                 plugin under forced eviction with asynchronous restores. Engines run side by side.
+                 the piecewise CUDA-graph sizes, an fp8 cache, and vLLM's own KV-cache sizing (no
+                 kv_cache_memory_bytes); the same greedy tokens as vLLM without the plugin, under forced
+                 eviction with asynchronous restores. Engines run side by side.
   2 restore      `restore.py`: vLLM's native OffloadingConnector against the plugin (auto and a sweep of
                  fixed splits) on random-weight MHA-7B and GQA-8B, every block of the prompts pushed to
                  the host; restore time, bytes moved per token, split chosen.
@@ -45,8 +46,10 @@ TOTAL_S = 585  # one device call of 600 s, with room to write the report
 # The smoke checks that everything runs, on a CPU that may be shared: bounds, not a time box to meet.
 SMOKE_BUDGET_S, SMOKE_TOTAL_S = {"correctness": 600, "restore": 600, "kernel": 300}, 1500
 GPU_ENGINES = ["llama2:auto:plugin", "llama2:auto:baseline", "qwen3:auto:plugin", "qwen3:auto:baseline",
-               "llama2:fp8:plugin"]
-SMOKE_ENGINES = ["llama2:auto:plugin,llama2:auto:baseline,llama2:fp8:plugin"]  # one process: 2 CPU cores
+               "llama2:fp8:plugin", "llama2:auto:plugin-vllm-sized"]
+# One process: 2 CPU cores. The vLLM-sized engine runs eager there (the compiled ordering of vLLM 0.34
+# is tests/test_capture_order.py's).
+SMOKE_ENGINES = ["llama2:auto:plugin,llama2:auto:baseline,llama2:fp8:plugin,llama2:auto:plugin-vllm-sized"]
 RATIOS = "auto,0,1,0.5,0.25,0.75"
 NATIVE_TARGET = {"mha7b": 0.55, "gqa8b": 1.03}  # plugin auto restore time / native's
 SPLIT_SLACK = 1.10  # auto within 10% of the sweep's best
@@ -117,8 +120,9 @@ def correctness_summary(results: list[dict], engines: list[str]) -> dict:
             tokens[r["engine"]] = r.pop("tokens")
         checks.append(r)
     for r in checks:
-        if r["check"] == "eviction" and r["engine"].endswith(":plugin"):
-            base = tokens.get(r["engine"].removesuffix(":plugin") + ":baseline")
+        arch, kv_dtype, role = r["engine"].split(":")
+        if r["check"] == "eviction" and role.startswith("plugin"):
+            base = tokens.get(f"{arch}:{kv_dtype}:baseline")
             mine = tokens[r["engine"]]
             r["same_tokens_as_baseline"] = None if base is None else mine == base
             r["turns_equal"] = None if base is None else f"{sum(a == b for a, b in zip(mine, base))}/{len(base)}"
@@ -248,8 +252,11 @@ def _detail(c: dict) -> str:
                 f" r = {c['recomputed_blocks']}/{c['blocks']}, error {c['rel_err']:.1e} (tol {c['tol']}),"
                 f" same tokens {c['same_tokens']}, async {c['asynchronous']}")
     if c["check"] == "engine":
+        sized = ("KV cache sized by vLLM" + (" (extensible)" if c.get("extensible_kv_cache") else "")
+                 if c.get("sized_by_vllm") else "KV cache set")
         return (f"{c['dtype']}, cache {c['kv_cache_dtype']}, block {c['block_size']}, eager {c['enforce_eager']}, "
-                f"graphs {c['cudagraph_mode']} up to {c['max_capture_size']}, start {c['startup_s']} s")
+                f"graphs {c['cudagraph_mode']} up to {c['max_capture_size']}, {sized}: {c.get('num_gpu_blocks')} "
+                f"blocks, start {c['startup_s']} s")
     if c["check"] == "eviction":
         moved = (f", {c['tokens_recomputed']}/{c['tokens_loaded']} restored tokens recomputed"
                  if "tokens_loaded" in c else "")

@@ -37,6 +37,11 @@ def test_gpu_acceptance_smoke(tmp_path, tiny_model):
     (evicted,) = [c for c in checks if c["engine"] == "llama2:auto:plugin" and c["check"] == "eviction"]
     assert evicted["same_tokens_as_baseline"] and evicted["tokens_recomputed"] > 0, evicted
     assert any(c["engine"] == "llama2:fp8:plugin" for c in checks)  # its checks, or why it was skipped
+    # The plugin under vLLM's own KV-cache sizing: restored K/V and the baseline's tokens.
+    sized = [c for c in checks if c["engine"] == "llama2:auto:plugin-vllm-sized"]
+    assert {(c["prompt"], c["ratio"]) for c in sized if c["check"] == "kv" and c["ok"]} == kv
+    (tokens,) = [c for c in sized if c["check"] == "eviction"]
+    assert tokens["same_tokens_as_baseline"], tokens
 
     # The restore part: the plugin's sweep (native offloading refuses the CPU platform).
     assert "native offloading skipped" in proc.stdout
@@ -117,6 +122,8 @@ def test_acceptance_correctness_compares_tokens_with_the_baseline():
     assert acc.correctness_summary([dict(mine), dict(base)], engines)["status"] == "pass"
     flipped = acc.correctness_summary([{**mine, "tokens": [[1, 2], [3, 5]]}, dict(base)], engines)
     assert flipped["status"] == "fail" and flipped["checks"][0]["turns_equal"] == "1/2"
+    sized = {**mine, "engine": "m:auto:plugin-vllm-sized", "tokens": [[1, 2], [3, 5]]}  # its own role, same baseline
+    assert acc.correctness_summary([dict(mine), sized, dict(base)], engines + [sized["engine"]])["status"] == "fail"
     unfinished = acc.correctness_summary([dict(mine)], engines)  # the baseline engine still running
     assert unfinished["status"] == "incomplete" and unfinished["unfinished_engines"] == ["m:auto:baseline"]
 

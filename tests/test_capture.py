@@ -51,6 +51,17 @@ def test_blocks_without_a_capture_block_write_only_the_spare_row(buf):
     assert not buf[: 2 * BS].any() and buf[2 * BS].all()
 
 
+def test_blocks_past_the_map_write_only_the_spare_row(buf):
+    """The map is sized at model load from a bound on KV blocks: a block past it (here with the
+    map's last block lent a capture block) goes to the spare row, never to a wrong row."""
+    capture._MAP[0][0][-1] = 1
+    x = torch.ones(2, 4)
+    slots = torch.tensor([len(BLOCK_MAP) * BS + 1, 10 * BS])
+    with set_forward_context(None, VllmConfig(), slot_mapping={NAME: slots}):
+        torch.ops.partial_kv.capture(x, x, NAME)
+    assert not buf[: 2 * BS].any() and buf[2 * BS].all()
+
+
 def test_nothing_written_outside_a_forward_or_without_slot_mapping(buf):
     x = torch.ones(3, 4)
     torch.ops.partial_kv.capture(x, x, NAME)  # no forward context

@@ -34,10 +34,10 @@ SPAWNED = textwrap.dedent(
         import os
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         from vllm_partial_kv import capture
-        return {"pid": os.getpid(), "totals": get_kv_transfer_group().worker.totals.data,
-                "captured_layers": len(capture.layers()),
-                "budget_hooked": getattr(type(getattr(self, "worker", self)).determine_available_memory,
-                                         "_partial_kv_wrapped", False)}
+        worker = get_kv_transfer_group().worker
+        return {"pid": os.getpid(), "totals": worker.totals.data, "captured_layers": len(capture.layers()),
+                "bound": [b.data_ptr() for b in capture._BUFFERS.values()],
+                "used": [b.data_ptr() for b in worker.runtime._capture_space]}
 
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], kv_cache_memory_bytes=32 << 20, block_size=32, max_model_len=1024,
@@ -73,7 +73,7 @@ def test_spawned_engine_registers_connector_and_capture(tiny_model, tmp_path):
     result = json.loads(lines[-1][7:])
     assert result["pid"] != result["main_pid"]  # the worker really is another process
     assert result["captured_layers"] == 4
-    assert result["budget_hooked"]  # the KV budget passes through the plugin in the worker
+    assert result["bound"] and result["bound"] == result["used"]  # made at model load in the worker
     assert result["totals"]["tokens_recomputed"] > 0
     assert result["same"]
 
@@ -91,11 +91,16 @@ def _config(model, ratio, **kwargs):
     return config
 
 
-def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
-    """vLLM sizes its KV cache from the memory it measured; with activations kept, the KV cache
-    gets it less the capture space and the staging buffers, so both fit."""
-    from vllm_partial_kv import compat
-    from vllm_partial_kv.deployment import kv_budget_with_activations, model_shape
+def test_buffers_made_at_model_load_are_sized_from_the_config(tiny_model):
+    """What the model-load hook allocates, before vLLM profiles memory (which then counts it): the
+    capture space (one block per running sequence plus one step's tokens, at most 4096 tokens, and
+    the spare row, in every layer), the restore staging with its slot and position indices (two
+    stagings on a GPU, one on the CPU), and the map from KV block to capture block, sized from an
+    upper bound on KV blocks; all bound to the capture op at once."""
+    import torch
+
+    from vllm_partial_kv import capture, device_buffers
+    from vllm_partial_kv.deployment import device_bytes, kv_block_bound, model_shape
 
     gib = 1 << 30
     mha = _config(tiny_model("llama2"), 0.5)
@@ -105,25 +110,32 @@ def test_kv_budget_leaves_room_for_activation_buffers(tiny_model, monkeypatch):
     assert shape.forward_ratio == (4 * hf.hidden_size**2 + 3 * hf.hidden_size * hf.intermediate_size) / (
         2 * hf.hidden_size**2
     )
-    staging = 2 * 16384 * shape.act_bytes_per_token + 4096 * shape.kv_bytes_per_token  # + GEMM workspace
-    # The capture space: one block per running sequence plus one step's tokens, at most 4096
-    # tokens, and the spare row, in every layer.
+    staging = 2 * 16384 * (shape.act_bytes_per_token + 8)
     sched, bs = mha.scheduler_config, shape.block_size
     tokens = -(-min(sched.max_num_seqs * bs + sched.max_num_batched_tokens, 4096) // bs) * bs
-    extra = (tokens + 1) * shape.act_bytes_per_token * shape.num_layers + staging
-    assert kv_budget_with_activations(mha, 3 * gib) == 3 * gib - extra
-    # Nothing to make room for: GQA in auto mode keeps no activations; an explicit size stays.
-    assert kv_budget_with_activations(_config(tiny_model("llama"), "auto"), 3 * gib) == 3 * gib
-    explicit = _config(tiny_model("llama2"), 0.5, kv_cache_memory_bytes=gib)
-    assert kv_budget_with_activations(explicit, 3 * gib) == 3 * gib
+    capture_space = (tokens + 1) * shape.act_bytes_per_token * shape.num_layers
+    assert device_bytes(mha) == capture_space + staging
+    # The bound on KV blocks: the whole device, an explicit KV cache size, or the blocks override.
+    per_block = bs * shape.kv_bytes_per_token * shape.num_layers
+    assert kv_block_bound(mha, 80 * gib) == 80 * gib // per_block + 1
+    assert kv_block_bound(_config(tiny_model("llama2"), 0.5, kv_cache_memory_bytes=gib), 80 * gib) == gib // per_block + 1
+    mha.cache_config.num_gpu_blocks_override = 1000
+    assert kv_block_bound(mha, 80 * gib) == 1000
 
-    # The worker hook: whatever the worker measured passes through the adjustment, once.
-    worker_cls = compat.worker_class()
-    monkeypatch.setattr(worker_cls, "determine_available_memory", lambda self: 3 * gib)
-    compat.wrap_kv_budget(kv_budget_with_activations)
-    compat.wrap_kv_budget(kv_budget_with_activations)
-    worker = type("W", (), {"vllm_config": mha})()
-    assert worker_cls.determine_available_memory(worker) == 3 * gib - extra
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(shape.num_layers)]
+    try:
+        buffers = device_buffers.allocate(mha, names, torch.device("cpu"))
+        assert device_buffers.current() is buffers and buffers.block_map.shape == (1000,)
+        assert buffers.nbytes == device_bytes(mha) - 16384 * shape.act_bytes_per_token + 4 * 1000  # one staging
+        assert capture._BUFFERS == buffers.capture and capture._MAP[0][0] is buffers.block_map
+        buffers.check_fits(1000, bs)
+        with pytest.raises(RuntimeError, match="vLLM made 1001 KV blocks, more than the 1000"):
+            buffers.check_fits(1001, bs)
+        with pytest.raises(RuntimeError, match=f"set --block-size {2 * bs}"):
+            buffers.check_fits(10, 2 * bs)
+    finally:
+        device_buffers.release()
+    assert device_buffers.current() is None and not capture._BUFFERS and not capture._MAP
 
 
 def test_forward_ratio_of_real_shapes():

@@ -403,10 +403,15 @@ def test_bad_config_is_rejected_at_startup(tiny_model, make_llm):
 
 
 def test_no_room_for_the_store_is_a_clear_startup_error(tiny_model, make_llm, monkeypatch):
+    """128 MiB free: room for the buffers made at model load (about 50 MiB), not for the 256 MiB
+    store allocated once vLLM made its KV cache; 1 MiB: not even for those buffers."""
     from vllm_partial_kv import store
 
+    monkeypatch.setattr(store, "available_bytes", lambda device: 128 << 20)
+    with pytest.raises(Exception, match=r"partial_kv needs 0\.2[5-9] GiB of cpu memory .*cpu_bytes"):
+        make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
     monkeypatch.setattr(store, "available_bytes", lambda device: 1 << 20)
-    with pytest.raises(Exception, match="partial_kv needs .* GiB of .* memory"):
+    with pytest.raises(Exception, match=r"partial_kv needs 0\.0[0-9] GiB of .* memory"):
         make_llm(tiny_model("llama2"), kv_transfer_config=_connector_cfg(0.5))
 
 

@@ -7,9 +7,11 @@ running. Rows live in a small capture space (blocks of block_size rows), not one
 a fixed-address int32 map from KV block to capture block (-1: not captured), rewritten in place
 before each forward, sends slot s to row map[s // block_size] * block_size + s % block_size, and
 uncaptured slots and padding to a spare last row. Under tensor parallelism a rank keeps only its
-shard of each row's columns (the shards in rank order make the row). The hooks go in right after
-the model is loaded (before vLLM's profiling run and compilation); the buffers are bound later,
-once the KV cache exists, and until then the op does nothing.
+shard of each row's columns (the shards in rank order make the row). The hooks go in, and the
+buffers are bound (`device_buffers`), right after the model is loaded: before vLLM's profiling run,
+compilation, warm-up and CUDA-graph capture, which vLLM 0.34 runs before it creates the connector.
+The map is sized from an upper bound on KV block ids known then; a block id past it goes to the
+spare row (the worker refuses a KV cache with more blocks at start-up).
 """
 
 from __future__ import annotations
@@ -99,11 +101,13 @@ def bind_buffers(buffers: dict[str, torch.Tensor], block_map: torch.Tensor | Non
 
 def capture_rows(slots: torch.Tensor, block_map: torch.Tensor, block_size: int, spare: int) -> torch.Tensor:
     """Capture-space row of each slot: its KV block's capture block and offset, or `spare` for
-    padding (slot -1) and blocks without a capture block."""
+    padding (slot -1), blocks without a capture block and blocks past the map."""
     slots = slots.to(torch.long)
-    blocks = block_map[slots.clamp(min=0) // block_size].to(torch.long)
+    kv_blocks = slots // block_size
+    outside = (slots < 0) | (kv_blocks >= block_map.shape[0])
+    blocks = block_map[kv_blocks.clamp(0, block_map.shape[0] - 1)].to(torch.long)
     rows = blocks * block_size + slots % block_size
-    return torch.where((slots < 0) | (blocks < 0), torch.full_like(rows, spare), rows)
+    return torch.where(outside | (blocks < 0), torch.full_like(rows, spare), rows)
 
 
 @torch.library.custom_op("partial_kv::capture", mutates_args=("qkv_out",))

@@ -158,19 +158,6 @@ def compile_key(vllm_config: Any) -> str:
     return hash_factors(vllm_config.compile_factors())
 
 
-def worker_class() -> type:
-    """vLLM's worker for this platform: the GPU worker, or the CPU worker on the CPU build."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_worker import CPUWorker
-
-        return CPUWorker
-    from vllm.v1.worker.gpu_worker import Worker
-
-    return Worker
-
-
 def attention_layer_class() -> type:
     """vLLM's Attention layer (moved from vllm.attention.layer to vllm.model_executor.layers)."""
     try:
@@ -214,21 +201,6 @@ def rotary_classes() -> tuple[type, type, type]:
 
     root = getattr(rotary_base, "RotaryEmbeddingBase", RotaryEmbedding)
     return RotaryEmbedding, root, Phi3LongRoPEScaledRotaryEmbedding
-
-
-def wrap_kv_budget(adjust: Callable[[Any, int], int]) -> None:
-    """Pass the KV cache budget the worker measured through `adjust(vllm_config, bytes)` before
-    vLLM sizes the KV cache from it."""
-    worker_cls = worker_class()
-    original = worker_cls.determine_available_memory
-    if getattr(original, "_partial_kv_wrapped", False):
-        return
-
-    def determine_available_memory(self) -> int:
-        return adjust(self.vllm_config, original(self))
-
-    determine_available_memory._partial_kv_wrapped = True  # type: ignore[attr-defined]
-    worker_cls.determine_available_memory = determine_available_memory  # type: ignore[method-assign]
 
 
 def block_views(kv_cache: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ from vllm_partial_kv import planner
 from vllm_partial_kv.capture import why_not_captured
 from vllm_partial_kv.config import PartialKVConfig, parse_config
 from vllm_partial_kv.kernels import SPLIT_ROWS
+from vllm_partial_kv.profiler import device_peak_bytes
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -119,25 +120,6 @@ def activations_wanted(vllm_config) -> bool:
     return shape.act_bytes_per_token < shape.kv_bytes_per_token
 
 
-def kv_budget_with_activations(vllm_config, available: int) -> int:
-    """The part of the memory vLLM found for its KV cache that the KV cache may take, so that the
-    capture space and the restore staging fit beside it. Both are sized from the batch limits,
-    not from the KV cache, so the KV cache keeps almost all of it. vLLM sizes the KV cache
-    without knowing about them; an explicit kv_cache_memory_bytes is left alone (the start-up
-    room check then tells the user if the rest does not fit)."""
-    if vllm_config.cache_config.kv_cache_memory_bytes or not activations_wanted(vllm_config):
-        return available
-    extra = device_bytes(vllm_config)
-    kv = max(0, available - extra)
-    logger.info(
-        "partial_kv: of the %.2f GiB vLLM found for the KV cache, %.3f GiB go to activation "
-        "capture (%d tokens) and restore staging (set kv_cache_memory_bytes to size the KV cache "
-        "yourself)", available / 2**30, (available - kv) / 2**30,
-        capture_blocks(vllm_config) * vllm_config.cache_config.block_size,
-    )
-    return kv
-
-
 DEFAULT_CAPTURE_TOKENS = 4096
 """The default capture space's ceiling, in tokens per layer. Covering a whole step at vLLM's GPU
 defaults (1024 sequences, 16384 batched tokens) would take 8 GiB for a 7B multi-head model,
@@ -159,23 +141,44 @@ def capture_blocks(vllm_config) -> int:
 
 
 def device_bytes(vllm_config) -> int:
-    """What the plugin allocates on the KV cache's device beside it when activations are kept:
-    the capture space (plus the row that takes padding) and the restore staging. (The map from
-    KV block to capture block adds 4 bytes per KV block, under 0.01% of the cache.)"""
+    """What `device_buffers` allocates on the model's device at model load when activations are
+    kept, so that vLLM's memory profiling counts it: the capture space (plus the row that takes
+    padding) and the restore staging (the map from KV block to capture block adds 4 bytes per KV
+    block the device could hold, under 0.01% of its memory)."""
     shape = model_shape(vllm_config)
     rows = capture_blocks(vllm_config) * shape.block_size + 1
     capture = rows * shape.act_bytes_per_token * shape.num_layers
     return capture + staging_bytes(shape, parse_config(extra_config(vllm_config)))
 
 
+def kv_block_bound(vllm_config, device_total: int) -> int:
+    """More KV blocks than vLLM can make on this rank, known before it makes any: the override if
+    set, else what kv_cache_memory_bytes or the whole device (`device_total` bytes) holds at the
+    K and V bytes of a block of this rank's layers (vLLM's pages are never smaller)."""
+    cache = vllm_config.cache_config
+    if cache.num_gpu_blocks_override:
+        return cache.num_gpu_blocks_override
+    shape = model_shape(vllm_config)
+    per_block = shape.block_size * shape.kv_bytes_per_token * shape.num_layers
+    return (cache.kv_cache_memory_bytes or device_total) // per_block + 1
+
+
 def staging_bytes(shape: planner.ModelShape, cfg: PartialKVConfig) -> int:
-    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens, and
-    the workspace of the recompute's cuBLAS GEMM (one chunk of K and V). One layer's worth at a
-    time (double-buffered), so 1/num_layers of what the largest restore step moves: 256 MiB for
-    a 7B model at the default 16384 tokens, half a percent of its KV cache on an 80 GB GPU.
-    Under tensor parallelism the staging holds this rank's shards, and one layer's whole rows are
-    joined beside it (the all-gather's output and the rows in token order)."""
-    k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes  # the GEMM's dtype
+    """The restore runtime's two GPU staging buffers for the activations of recomputed tokens and
+    their slots and positions. One layer's worth at a time (double-buffered), so 1/num_layers of
+    what the largest restore step moves: 256 MiB for a 7B model at the default 16384 tokens, half
+    a percent of its KV cache on an 80 GB GPU. Under tensor parallelism the staging holds this
+    rank's shards, and one layer's whole rows are joined beside it (the all-gather's output and
+    the rows in token order)."""
+    tokens = cfg.max_recompute_tokens - cfg.max_recompute_tokens % shape.block_size
+    joined = 2 * tokens * shape.hidden_size * shape.dtype_bytes if shape.act_shards > 1 else 0
+    return 2 * tokens * shape.act_bytes_per_token + 2 * 8 * tokens + joined
+
+
+def late_device_bytes(shape: planner.ModelShape, cfg: PartialKVConfig, profiling: bool) -> int:
+    """What the worker half still allocates on the device after vLLM sized its KV cache: the
+    recompute GEMM's workspace (one chunk of K and V, kept by torch's allocator) and, while the
+    start-up profile is measured, what measuring takes."""
+    k_and_v = 2 * shape.num_kv_heads * shape.head_size * shape.dtype_bytes
     workspace = min(cfg.max_recompute_tokens, SPLIT_ROWS) * k_and_v
-    joined = 2 * cfg.max_recompute_tokens * shape.hidden_size * shape.dtype_bytes if shape.act_shards > 1 else 0
-    return 2 * cfg.max_recompute_tokens * shape.act_bytes_per_token + workspace + joined
+    return workspace + (device_peak_bytes(shape) if profiling else 0)

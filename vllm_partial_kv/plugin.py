@@ -17,11 +17,18 @@ def register() -> None:
 
 
 def _after_model_load(model, vllm_config) -> None:
-    """In the worker, after the model is built and before vLLM profiles memory and sizes the KV
-    cache: hook activation capture in, and leave room for its buffers (both no-ops unless our
-    connector is configured)."""
-    from vllm_partial_kv import capture, compat, deployment
+    """In the worker, after the model is built and before vLLM profiles memory, compiles, warms up
+    or records CUDA graphs (all before it creates the connector, on vLLM 0.34): hook activation
+    capture in and allocate the plugin's device buffers, bound to the capture op at once, so that
+    every recorded graph writes activations and vLLM's profiling counts the buffers (no-ops unless
+    our connector keeps activations)."""
+    from vllm_partial_kv import capture, deployment, device_buffers
 
     if deployment.activations_wanted(vllm_config):
         capture.install(model, vllm_config)
-    compat.wrap_kv_budget(deployment.kv_budget_with_activations)
+        layers = capture.layers()
+        if layers:  # else the structural match refused the model: this worker never recomputes
+            device = next(iter(layers.values())).qkv_proj.weight.device
+            device_buffers.allocate(vllm_config, list(layers), device)
+            return
+    device_buffers.release()  # an earlier engine's, in this process

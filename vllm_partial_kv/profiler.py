@@ -113,6 +113,16 @@ def load_or_measure(
     return profile
 
 
+def device_peak_bytes(shape: ModelShape) -> int:
+    """The most a profile's measuring holds on a GPU at once: the recompute timer's inputs for the
+    largest count (activations and a K and V weight, drawn in float32 and cast; a paged K and V
+    cache), the copy's buffer and the background load's matrices."""
+    tokens, kv_dim = max(DEFAULT_TOKEN_COUNTS), shape.num_kv_heads * shape.head_size
+    inputs = (tokens + 2 * kv_dim) * shape.hidden_size * (4 + shape.dtype_bytes)
+    inputs += 2 * tokens * kv_dim * shape.dtype_bytes
+    return inputs + _GPU_COPY_BYTES + 2 * 4096 * 4096 * 2
+
+
 def format_profile(profile: Profile, shape: ModelShape | None = None) -> str:
     """One-screen summary for `vllm-partial-kv profile`; with a shape, also the modelled best split
     of a 16k-token restore."""

@@ -138,7 +138,11 @@ class RestoreRuntime:
         kernel: str = "auto",
         capture_map: torch.Tensor | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        staging: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """`staging`: the staging buffers and the recomputed tokens' slot and position buffers made
+        at model load (`device_buffers`), for max_recompute_tokens; None: allocated here (a runtime
+        without an engine)."""
         self.kv_caches = kv_caches
         self.gather = gather  # activation shards of every rank -> whole rows; None: rows are whole
         self.names = list(kv_caches)
@@ -163,7 +167,11 @@ class RestoreRuntime:
         self.cuda = self.device.type == "cuda"
         self.max_recompute_tokens = max_recompute_tokens - max_recompute_tokens % block_size
         self.staging: list[torch.Tensor] = []
-        if self.act_views:
+        if self.act_views and staging is not None:
+            self.staging, self._slots_buf, self._pos_buf = staging
+            if self._slots_buf.shape[0] < self.max_recompute_tokens:
+                raise ValueError(f"staging for {self._slots_buf.shape[0]} tokens, {self.max_recompute_tokens} asked")
+        elif self.act_views:
             hidden = next(iter(self.act_views.values())).shape[-1]
             dtype = next(iter(self.act_views.values())).dtype
             n_staging = 2 if self.cuda else 1

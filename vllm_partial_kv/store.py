@@ -202,8 +202,10 @@ def available_bytes(device: torch.device) -> int:
 
 def ensure_room(needs: dict[torch.device, int]) -> None:
     """Fail at start-up, with the numbers and what to change, rather than with an allocator error
-    (or the OOM killer) halfway through: vLLM sizes its KV cache without knowing about the
-    activation buffers, and a pinned host pool larger than RAM can take the machine down."""
+    (or the OOM killer) halfway through: at model load for the device buffers, and once vLLM has
+    sized its KV cache for the host store and what the device still needs then (the recompute
+    workspace, the start-up profile's inputs); a pinned host pool larger than RAM can take the
+    machine down."""
     for device, need in needs.items():
         free = available_bytes(device)
         if need <= free:
@@ -212,13 +214,13 @@ def ensure_room(needs: dict[torch.device, int]) -> None:
             hint = "lower cpu_bytes (--kv-offload-size)"
         else:
             hint = (
-                "leave room for the capture space and restore staging: lower "
-                "--gpu-memory-utilization or --kv-cache-memory-bytes, lower capture_tokens or "
-                "max_recompute_tokens, or set recompute_ratio to 0 to keep no activations"
+                "lower --gpu-memory-utilization or --kv-cache-memory-bytes, capture_tokens or "
+                "max_recompute_tokens, set recompute_ratio to a number (no start-up profile is "
+                "measured), or to 0 to keep no activations"
             )
         raise RuntimeError(
             f"partial_kv needs {need / 2**30:.2f} GiB of {device} memory for its store and "
-            f"activation buffers but only {free / 2**30:.2f} GiB are available: {hint}"
+            f"recompute buffers but only {free / 2**30:.2f} GiB are available: {hint}"
         )
 
 

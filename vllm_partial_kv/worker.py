@@ -17,10 +17,10 @@ from dataclasses import replace
 
 import torch
 
-from vllm_partial_kv import capture, compat, planner
+from vllm_partial_kv import capture, compat, device_buffers, planner
 from vllm_partial_kv.config import PartialKVConfig
 from vllm_partial_kv.deployment import (
-    capture_blocks, model_shape, over_ranks, planning_shape, served_layout, staging_bytes,
+    late_device_bytes, model_shape, over_ranks, planning_shape, served_layout,
 )
 from vllm_partial_kv.faults import RestoreFaults
 from vllm_partial_kv.metadata import PartialKVMetadata
@@ -53,25 +53,36 @@ class PartialKVWorker:
 
     # ============================================================================= worker half
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Takes over the device buffers made at model load (`device_buffers`: the capture op has
+        written into them since, in every warm-up step and recorded graph) and allocates the host
+        store. vLLM may call this only after compiling, warming up and recording CUDA graphs
+        (0.34's extensible KV cache), with the KV cache already sized: what is still allocated on
+        the device now is checked against what is left."""
         vllm_config = self._vllm_config
         num_blocks = compat.num_blocks_of(next(iter(kv_caches.values())))
         layers = capture.layers() if self.with_act else {}
-        # The structural match refused the model (capture.install warned): the scheduler still plans
-        # with activations, so the host layout and slots stay its own; this worker never recomputes.
+        # The structural match refused the model (capture.install warned, nothing was hooked or
+        # made at model load): the scheduler still plans with activations, so the host layout and
+        # slots stay its own, with activation slots that are never read; this worker never recomputes.
         self.recomputes = self.with_act and (bool(layers) or capture.why_not_installed() is None)
-        if self.recomputes and set(layers) != set(kv_caches):
+        buffers = device_buffers.current() if self.with_act else None
+        if self.with_act and not self.recomputes:
+            buffers = device_buffers.allocate(vllm_config, list(kv_caches), next(iter(kv_caches.values())).device)
+        made = set(buffers.capture) if buffers is not None else set()
+        if self.recomputes and not set(layers) == made == set(kv_caches):
             raise RuntimeError(
-                "partial_kv: activation capture hooks were not installed for every attention "
-                "layer (is the vllm_partial_kv plugin loaded?)"
+                "partial_kv: activation capture hooks and buffers were not set up at model load for "
+                "every attention layer (is the vllm_partial_kv plugin loaded?)"
             )
+        if buffers is not None:
+            buffers.check_fits(num_blocks, self.block_size)
         device = next(iter(kv_caches.values())).device
         dtype = vllm_config.model_config.dtype
         views = {n: compat.block_views(t, num_blocks) for n, t in kv_caches.items()}
         self.shape = model_shape(vllm_config)
         self.plan_shape = planning_shape(vllm_config)
         # Activation shards: this rank keeps its 1/TP of each row's columns, and restores join them.
-        if self.with_act and self.shape.act_shards > 1:
-            self._ranks = TensorParallelRanks()
+        self._ranks = buffers.ranks if buffers is not None else None
         width = self.shape.hidden_size // self.shape.act_shards
         kv_bytes = sum(v[0].numel() * v.element_size() for vs in views.values() for v in vs)
         act_bytes = self.block_size * self.shape.act_bytes_per_token * len(views)
@@ -81,42 +92,30 @@ class PartialKVWorker:
             self.cfg.cpu_bytes, over_ranks(vllm_config, kv_bytes, len(views)),
             over_ranks(vllm_config, act_bytes, len(views)), layout,
         )
-        rows = capture_blocks(vllm_config) * self.block_size + 1  # + the spare row
-        on_device = self.with_act * (  # capture space, its map, staging
-            rows * len(views) * self.shape.act_bytes_per_token + 4 * num_blocks
-            + staging_bytes(self.shape, self.cfg)
-        )
+        profiling = self.recomputes and self.cfg.recompute_ratio is None
         host = device if device.type == "cpu" else torch.device("cpu")
-        needs = {device: on_device}
+        needs = {device: self.with_act * late_device_bytes(self.shape, self.cfg, profiling)}
         needs[host] = needs.get(host, 0) + num_slots * kv_bytes + act_bytes * (
             act_slots if layout == "act" else num_slots * (layout == "kv+act")
         )
         ensure_room(needs)
-        act_buffers, capture_map = {}, None
-        if self.with_act:
-            act_buffers = {n: torch.zeros(rows, width, dtype=dtype, device=device) for n in kv_caches}
-            capture_map = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
-            if self._ranks is not None:
-                self._ranks.reserve(self.cfg.max_recompute_tokens, width, dtype, device)
-            # The ranks' shards, in rank order, make a row (the order the join puts them in).
-            first = self._ranks.rank * width if self._ranks is not None else 0
-            capture.bind_buffers(act_buffers, capture_map, self.block_size, first)
         act_shape = (self.block_size, width) if self.with_act else None
         pool = HostPool(num_slots, views, act_shape, dtype, pin=device.type == "cuda",
                         act_slots=act_slots if layout == "act" else None)
         self.runtime = RestoreRuntime(
-            kv_caches, num_blocks, self.block_size, pool, act_buffers, layers,
-            self.cfg.max_recompute_tokens, self.cfg.kernel, capture_map,
+            kv_caches, num_blocks, self.block_size, pool, buffers.capture if buffers else {}, layers,
+            self.cfg.max_recompute_tokens, self.cfg.kernel, buffers.block_map if buffers else None,
             gather=self._ranks.gather if self._ranks else None,
+            staging=(buffers.staging, buffers.slots, buffers.positions) if buffers else None,
         )
         self.runtime.tune_recompute()  # before the profiles: it may fall back to the torch path
         if self.with_act:
             logger.info(
-                "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s beside "
-                "a KV cache of %.2f GiB", rows - 1, self.runtime.extra_device_bytes / 2**20, device,
-                kv_bytes * num_blocks / 2**30,
+                "partial_kv: capture space of %d tokens and restore staging: %.1f MiB on %s (made at "
+                "model load) beside a KV cache of %.2f GiB", buffers.capture[next(iter(made))].shape[0] - 1,
+                buffers.nbytes / 2**20, device, kv_bytes * num_blocks / 2**30,
             )
-        if self.recomputes and self.cfg.recompute_ratio is None:
+        if profiling:
             self.profiles = self._load_profiles()
         if self.cfg.storage_dir:
             from vllm_partial_kv.storage_tier import WorkerTier
