@@ -475,3 +475,20 @@ def test_storage_blocks_are_offered_only_as_far_as_free_host_slots_go(tmp_path):
     for b in hashes[1:]:
         conn.storage.index.add(b, True)
     assert conn.get_num_new_matched_tokens(_request("a", hashes), 0)[0] == 4 * 3  # 1 host + 2 slots' worth
+
+
+def test_a_file_from_a_device_that_lays_blocks_out_otherwise_is_foreign(tmp_path):
+    """Same identity folder, same sizes, but K/V in another element order (another attention
+    backend): the host format is part of each file's digest."""
+    pool = Pool(2)
+    nhd = StorageIO(str(tmp_path), KEY, pool.segments, 1, host_format="[((8, 8), (8, 1), 'bf16')]")
+    hnd = StorageIO(str(tmp_path), KEY, pool.segments, 1, host_format="[((8, 8), (1, 8), 'bf16')]")
+    try:
+        nhd.write(h(1), 0, True, True).result()
+        assert hnd.read(h(1), 1, True, True).result() is False
+        assert hnd.take_stats().rejected["foreign"] == 1
+        nhd.write(h(2), 0, True, True).result()
+        assert nhd.read(h(2), 1, True, True).result() is True
+    finally:
+        nhd.close()
+        hnd.close()

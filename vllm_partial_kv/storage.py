@@ -379,16 +379,19 @@ class IOStats:
 class StorageIO:
     """Worker side: block reads into host slots and writes from them, on `threads` I/O threads.
 
-    `segments(slot, with_kv, with_act)` returns the slot's byte views in file order. A slot that
+    `segments(slot, with_kv, with_act)` returns the slot's byte views in file order; `host_format`
+    describes them (shapes, strides, dtypes) and goes into each file's identity digest, so that a
+    file from an instance whose device lays blocks out otherwise is rejected as foreign. A slot that
     a write still reads is not written until that write ends (`wait_slots`); a read of a block
     whose write is in flight waits for that write. Errors never leave this class: a failed read
     is a miss, a failed write is counted and logged once per kind of error."""
 
     def __init__(
         self, root: str, key: str, segments: Callable[[int, bool, bool], list[memoryview]],
-        threads: int = 4, fsync: bool = False,
+        threads: int = 4, fsync: bool = False, host_format: str = "",
     ) -> None:
         self.root, self.key, self.segments, self.fsync = root, key, segments, fsync
+        self.digest_key = identity_key({"folder": key, "host_format": host_format}) if host_format else key
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="partial-kv-storage")
         self._lock = threading.Lock()
         self.stats = IOStats()
@@ -425,7 +428,7 @@ class StorageIO:
             if ready is not None:
                 ready()
             try:
-                if write_block(path, self.key, block_hash, flags, segs, self.fsync):
+                if write_block(path, self.digest_key, block_hash, flags, segs, self.fsync):
                     with self._lock:
                         self.stats.blocks_written += 1
                         self.stats.bytes_written += sum(len(s) for s in segs)
@@ -458,7 +461,7 @@ class StorageIO:
             if writing is not None:
                 writing.result()
             try:
-                n = read_block(path, self.key, block_hash, flags, segs)
+                n = read_block(path, self.digest_key, block_hash, flags, segs)
             except FileNotFoundError:
                 with self._lock:
                     self.stats.read_misses += 1

@@ -197,7 +197,9 @@ class WorkerTier:
         def segments(slot: int, with_kv: bool, with_act: bool) -> list[memoryview]:
             return storage.slot_segments(pool.buffer, kv_views * with_kv + act_views * with_act, slot)
 
-        self.io = storage.StorageIO(cfg.storage_dir, key, segments, cfg.storage_io_threads, cfg.storage_fsync)
+        host_format = repr([(tuple(v.shape[1:]), v.stride()[1:], str(v.dtype)) for v in kv_views + act_views])
+        self.io = storage.StorageIO(cfg.storage_dir, key, segments, cfg.storage_io_threads, cfg.storage_fsync,
+                                    host_format)
         self.block_bytes = sum(len(s) for s in segments(0, True, bool(act_views)))  # a full block's payload
         self.pending: dict[str, _Pending] = {}
 
