@@ -12,7 +12,8 @@ systems see identical prompts. The client is vLLM's own benchmark client
 Systems: `none` (no offloading), `native` (vLLM's `--kv-offloading-backend native`; CUDA only:
 vLLM refuses it on the CPU platform), `partial-auto` (this plugin, planner picks the split),
 `partial-r0` (this plugin, `recompute_ratio` 0: plain KV offload through the plugin), `partial-fp8`
-(this plugin, planner's split, `host_format` fp8).
+(this plugin, planner's split, `host_format` fp8),
+`partial-storage` (as `partial-auto`, with the storage tier in a fresh directory under `--storage-dir`).
 
 Per system and round: TTFT p50/p90/p99, inter-token latency p50/p90, output throughput, prefix-cache
 hit rates from vLLM's own `/metrics` (GPU prefix cache and the connector's "external" one), and
@@ -49,7 +50,7 @@ from restore import SHAPES, _device, write_config  # noqa: E402
 
 from vllm_partial_kv.server import Server, free_port, metric_sum  # noqa: E402
 
-SYSTEMS = ("none", "native", "partial-auto", "partial-r0", "partial-fp8")
+SYSTEMS = ("none", "native", "partial-auto", "partial-r0", "partial-fp8", "partial-storage")
 PROM = {  # key in the results -> vLLM metric (counters, read as per-round deltas)
     "prefix_queries": "vllm:prefix_cache_queries_total",
     "prefix_hits": "vllm:prefix_cache_hits_total",
@@ -59,6 +60,8 @@ PROM = {  # key in the results -> vLLM metric (counters, read as per-round delta
     "tokens_recomputed": "vllm:partial_kv_tokens_recomputed_total",
     "tokens_stored": "vllm:partial_kv_tokens_stored_total",
     "restore_failures": "vllm:partial_kv_restore_failures_total",
+    "storage_hit_blocks": "vllm:partial_kv_storage_hit_blocks_total",
+    "storage_blocks_read": "vllm:partial_kv_storage_blocks_read_total",
 }
 
 
@@ -111,6 +114,12 @@ def server_command(args, system: str, model: Path, port: int) -> list[str] | str
             return "vLLM's native offloading runs on CUDA only (it refuses the CPU platform)"
         return cmd + ["--kv-offload", "none", "--kv-offloading-backend", "native",
                       "--kv-offloading-size", str(args.cpu_gib)]
+    if system == "partial-storage":
+        storage_dir = tempfile.mkdtemp(prefix="kv-", dir=args.storage_dir)
+        extra = {"cpu_bytes": int(args.cpu_gib * 2**30), "storage_dir": storage_dir}
+        return cmd + ["--kv-offload", "none", "--kv-transfer-config", json.dumps({
+            "kv_connector": "PartialRecomputeConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": extra})]
     cmd += ["--kv-offload", "partial-recompute", "--kv-offload-size", str(args.cpu_gib)]
     return cmd + (["--recompute-ratio", "0"] if system == "partial-r0" else []) + (
         ["--host-format", "fp8"] if system == "partial-fp8" else [])
@@ -186,7 +195,8 @@ def run_system(args, system: str, model: Path, work: Path) -> dict:
             out["prefix_hit_rate"] = delta["prefix_hits"] / delta["prefix_queries"] if delta["prefix_queries"] else None
             out["external_hit_rate"] = (delta["external_hits"] / delta["external_queries"]
                                         if delta["external_queries"] else None)
-            out.update({k: delta[k] for k in ("tokens_loaded", "tokens_recomputed", "tokens_stored", "restore_failures")})
+            out.update({k: delta[k] for k in ("tokens_loaded", "tokens_recomputed", "tokens_stored", "restore_failures",
+                                              "storage_hit_blocks", "storage_blocks_read")})
             rounds.append(out)
             print(f"[serve] {system} round {r + 1}: TTFT p50 {_ms(out['ttft_p50_s'])} ms, "
                   f"p90 {_ms(out['ttft_p90_s'])} ms, {out['failed']} failed, prefix hits "
@@ -264,7 +274,7 @@ def kv_bytes_per_token(model: Path, smoke: bool) -> int:
 
 
 def make_model(args, work: Path) -> Path:
-    if args.smoke:
+    if args.smoke or args.tiny:
         from vllm_partial_kv.tiny_models import make_tiny_model
 
         return make_tiny_model(work / "tiny-llama2", "llama2")
@@ -284,9 +294,11 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=64)
     p.add_argument("--gpu-kv-gib", type=float, default=4.0, help="GPU KV cache (--kv-cache-memory-bytes)")
     p.add_argument("--cpu-gib", type=float, default=32.0, help="host store of the offloading systems")
+    p.add_argument("--storage-dir", default=None, help="where partial-storage makes its directory (default: /tmp)")
     p.add_argument("--eager", action="store_true", help="skip torch.compile and CUDA graphs")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, the plugin only (CI)")
+    p.add_argument("--tiny", action="store_true", help="the tiny model, with the workload given (CPU runs)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     p.add_argument("--replot", type=Path, help="rewrite the table and plot of a saved --out JSON")
     p.add_argument("--append", type=Path, metavar="JSON",
@@ -300,13 +312,13 @@ def main() -> None:
         args.systems, args.users, args.rounds, args.concurrency = "native,partial-auto", 6, 2, 2
         args.system_tokens, args.doc_tokens, args.question_tokens, args.answer_tokens = 96, 320, 32, 8
         args.gpu_kv_gib, args.cpu_gib = (1024 * 4 * 2 * 256 * 4) / 2**30, 0.125
-    args.vocab = 1000 if args.smoke else SHAPES[args.shape][5]
+    args.vocab = 1000 if args.smoke or args.tiny else SHAPES[args.shape][5]
     args.conv = conversations(args)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := set(systems) - set(SYSTEMS):
         sys.exit(f"unknown system(s) {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     total = sum(len(prompt(args.conv, u, args.rounds - 1)) + args.answer_tokens for u in range(args.users))
-    data = {"title": f"{'tiny llama2 (smoke)' if args.smoke else args.shape}, {args.users} users x {args.rounds} rounds, "
+    data = {"title": f"{'tiny llama2 (smoke)' if args.smoke else 'tiny llama2' if args.tiny else args.shape}, {args.users} users x {args.rounds} rounds, "
                      f"{_device()}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": _device(),
             "args": {k: v for k, v in vars(args).items() if k not in ("conv", "out", "replot", "append")},
@@ -316,7 +328,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vllm-partial-kv-serve-") as tmp:
         work = Path(tmp)
         model = make_model(args, work)
-        data["gpu_cache_tokens"] = int(args.gpu_kv_gib * 2**30 // kv_bytes_per_token(model, args.smoke))
+        data["gpu_cache_tokens"] = int(args.gpu_kv_gib * 2**30 // kv_bytes_per_token(model, args.smoke or args.tiny))
         print(f"[serve] {data['title']}: final histories {total} tokens in all, "
               f"{total / data['gpu_cache_tokens']:.1f}x the GPU KV cache", flush=True)
         for system in systems:

@@ -384,3 +384,21 @@ def test_profile_round_trips_through_json():
         Profile(1e9, ((0, 1.0),))
     with pytest.raises(ValueError):
         Profile(1e9, ((16, math.nan),))
+
+
+def test_blocks_from_a_slower_link_are_recomputed_more():
+    """The storage tier: the slower the link a restore's blocks come over, the more of it the
+    split recomputes; a link faster than the host's changes nothing."""
+    profile = slow_gpu(MHA_7B)
+    requests = [RestoreRequest(256, 256)]
+    host = plan_split(MHA_7B, profile, requests)[0]
+    splits = [plan_split(MHA_7B, profile.through_link(bw, 50e-6), requests)[0] for bw in (12e9, 6e9, 3e9, 1e9)]
+    assert host < splits[0] and splits == sorted(splits) and splits[0] < splits[-1]
+    assert profile.through_link(100e9) == profile
+    nvme = profile.through_link(3e9, 50e-6)
+    assert (nvme.h2d_bytes_per_s, nvme.copy_latency_s) == (3e9, 50e-6)
+    # On the slow link, the chosen split is the best the model offers, and beats streaming everything.
+    best = cost(MHA_7B, nvme, requests, splits[2])
+    assert best == pytest.approx(brute_force(MHA_7B, nvme, requests)) and best < cost(MHA_7B, nvme, requests, 0)
+    with pytest.raises(ValueError):
+        profile.through_link(0)

@@ -289,3 +289,18 @@ def pin_host_memory(buffer: torch.Tensor) -> Callable[[], None] | None:
 def request_block_hashes(request: Any) -> list[bytes]:
     return request.block_hashes
 
+
+
+def block_hashes_reproducible(hash_algo: str) -> bool:
+    """Whether vLLM's block hashes come out the same in another process (what the storage tier
+    shares blocks by). vLLM 0.26 seeds them randomly per process unless PYTHONHASHSEED is set; from
+    0.32 on, cryptographic hashes (sha256, the default) have a fixed seed and the others a random one."""
+    import os
+
+    from vllm.v1.core import kv_cache_utils
+
+    if os.getenv("PYTHONHASHSEED") is not None:
+        return True
+    if not hasattr(kv_cache_utils, "resolve_none_hash_seed"):
+        return False
+    return not hash_algo.startswith("xxhash")

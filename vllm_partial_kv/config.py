@@ -8,6 +8,7 @@ from typing import Any
 from vllm_partial_kv.formats import HOST_FORMATS
 
 DEFAULT_CPU_BYTES = 4 << 30
+DEFAULT_STORAGE_BYTES = 100 << 30
 HOST_LAYOUTS = ("kv+act", "act", "kv")
 
 
@@ -42,6 +43,20 @@ class PartialKVConfig:
     async_load: bool = True
     """Restore between steps while other requests keep running, as vLLM's own offloading does;
     false restores inside the step that needs the blocks (the forward waits per layer)."""
+    storage_dir: str | None = None
+    """The storage tier under the host store (storage.py): a directory on a local disk or a shared
+    filesystem, shared by every instance pointed at it; None: no storage tier."""
+    storage_bytes: int = DEFAULT_STORAGE_BYTES
+    """Size bound of the whole directory (every instance and model in it), kept by removing the
+    least recently used files."""
+    storage_rescan_s: float = 2.0
+    """Seconds between rescans of the directory, which find other instances' blocks and keep
+    the size bound."""
+    storage_io_threads: int = 4
+    """Threads per worker that read and write block files."""
+    storage_fsync: bool = False
+    """fsync each file before its rename: blocks survive a power loss (without it a crash can
+    leave a damaged file, which reads then reject as a miss)."""
 
     @property
     def wants_activations(self) -> bool | None:
@@ -73,7 +88,21 @@ def parse_config(extra: dict[str, Any] | None) -> PartialKVConfig:
         out["capture_tokens"] = _positive_int("capture_tokens", extra["capture_tokens"])
     if "recompute_ratio" in extra:
         out["recompute_ratio"] = _ratio(extra["recompute_ratio"])
-    for name in ("offload_prompt_only", "async_load"):
+    for name in ("storage_bytes", "storage_io_threads"):
+        if name in extra:
+            out[name] = _positive_int(name, extra[name])
+    if "storage_rescan_s" in extra:
+        value = extra["storage_rescan_s"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ConfigError(f"storage_rescan_s must be a positive number of seconds, got {value!r}")
+        out["storage_rescan_s"] = float(value)
+    if extra.get("storage_dir") is not None:  # null: no storage tier
+        if not isinstance(extra["storage_dir"], str) or not extra["storage_dir"]:
+            raise ConfigError(f"storage_dir must be a directory path, got {extra['storage_dir']!r}")
+        out["storage_dir"] = extra["storage_dir"]
+        if extra.get("async_load") is False:
+            raise ConfigError("storage_dir needs async_load true: a request waits for its file reads between steps")
+    for name in ("offload_prompt_only", "async_load", "storage_fsync"):
         if name in extra:
             if not isinstance(extra[name], bool):
                 raise ConfigError(f"{name} must be true or false, got {extra[name]!r}")

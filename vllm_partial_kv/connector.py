@@ -38,7 +38,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
             self.worker = PartialKVWorker(vllm_config, cfg, with_act)
 
     # ========================================================================== scheduler half
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def may_load_async(self, request) -> bool:  # vLLM >= 0.34 asks; older ones never do

@@ -21,3 +21,7 @@ class PartialKVMetadata(compat.KVConnectorMetadata):
     capture_block_ids: list[int] = field(default_factory=list)
     capture_blocks: list[int] = field(default_factory=list)
     new_block_ids: list[int] = field(default_factory=list)  # allocated this step: about to be written
+    # Storage tier: per stored block, its hash to write to the directory (b"": not written), and
+    # per restoring request, the blocks it reads from the directory first (storage_tier.Fetch).
+    store_hashes: list[bytes] = field(default_factory=list)
+    fetches: dict[str, list] = field(default_factory=dict)

@@ -24,6 +24,15 @@ COUNTERS = {
     "restores": "Restore operations (one per scheduler step with hits)",
     "restore_seconds": "Time spent restoring (copy + recompute), seconds",
     "restore_failures": "Restores that failed and were reported to vLLM as KV load errors",
+    "storage_hit_blocks": "Blocks a look-up found in the storage tier (after missing in host memory)",
+    "storage_missed_lookups": "Look-ups that went on to the storage tier and ended on a block it does not hold",
+    "storage_blocks_read": "Blocks read from the storage tier into the host store",
+    "storage_bytes_read": "Bytes read from the storage tier",
+    "storage_blocks_written": "Blocks written to the storage tier",
+    "storage_bytes_written": "Bytes written to the storage tier",
+    "storage_read_misses": "Block files the index offered that were gone when read (evicted elsewhere)",
+    "storage_rejected_files": "Block files rejected on read: truncated, corrupt, foreign or unreadable",
+    "storage_write_errors": "Block writes that failed (full, read-only or missing directory)",
 }
 GAUGES = {  # StoreUsage field -> (metric suffix, documentation)
     "capacity": ("store_capacity_blocks", "Block slots of the host store"),
@@ -36,6 +45,7 @@ GAUGES = {  # StoreUsage field -> (metric suffix, documentation)
         "store_format_fp8", "1: the host store keeps fp8 (e4m3) values with scales (host_format fp8); "
         "0: K/V in the KV cache's dtype and activations in the model's"
     ),
+    "storage_used_bytes": ("storage_used_bytes", "Bytes of block files in the storage directory (all instances)"),
 }
 
 
@@ -57,10 +67,21 @@ class PartialKVStats(KVConnectorStats):
         d["restore_seconds"] += sum(step.restore_seconds)
         d["restore_failures"] += step.failed_restores
 
+    def add_storage(self, io) -> None:
+        """A worker's `storage.IOStats`."""
+        d = self.data
+        d["storage_blocks_read"] += io.blocks_read
+        d["storage_bytes_read"] += io.bytes_read
+        d["storage_blocks_written"] += io.blocks_written
+        d["storage_bytes_written"] += io.bytes_written
+        d["storage_read_misses"] += io.read_misses
+        d["storage_rejected_files"] += sum(io.rejected.values())
+        d["storage_write_errors"] += io.write_errors
+
     @classmethod
     def of_store(cls, usage) -> PartialKVStats:
         """The scheduler half's snapshot of the host store (a `store.StoreUsage`)."""
-        return cls(data={GAUGES[name][0]: getattr(usage, name) for name in GAUGES})
+        return cls(data={GAUGES[name][0]: getattr(usage, name) for name in GAUGES if hasattr(usage, name)})
 
     def reset(self) -> None:
         self.data = {key: 0 for key in COUNTERS}

@@ -22,6 +22,7 @@ the CPU runtime copies and recomputes one after the other), a layer costs t_x + 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -145,6 +146,17 @@ class Profile:
                 return prev_s + (s - prev_s) * (tokens - prev_t) / (t - prev_t)
             prev_t, prev_s = t, s
         return tokens * prev_s / prev_t
+
+    def through_link(self, bytes_per_s: float, latency_s: float = 0.0) -> Profile:
+        """This device's profile for blocks that first cross a slower link (the storage tier's
+        reads, measured by `profiler.load_or_measure_storage`): every copy runs at the slower of
+        the two rates, so the split recomputes more where the link is slower than the host's."""
+        if not (bytes_per_s > 0 and math.isfinite(latency_s) and latency_s >= 0):
+            raise ValueError(f"a link needs a positive rate and a latency >= 0, got {bytes_per_s}, {latency_s}")
+        return dataclasses.replace(
+            self, h2d_bytes_per_s=min(self.h2d_bytes_per_s, bytes_per_s) if self.h2d_bytes_per_s > 0 else 0.0,
+            copy_latency_s=max(self.copy_latency_s, latency_s),
+        )
 
     def copy_seconds(self, nbytes: int) -> float:
         """One host->device copy call; nothing to copy costs nothing, even without bandwidth."""

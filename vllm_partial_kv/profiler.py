@@ -13,10 +13,12 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -26,7 +28,9 @@ import torch
 from vllm_partial_kv import __version__
 from vllm_partial_kv.planner import ModelShape, Profile, RestoreRequest, plan_split, restore_time
 
-__all__ = ["measure_profile", "measure_gather", "load_or_measure", "format_profile", "CACHE_DIR_ENV"]
+__all__ = [
+    "measure_profile", "measure_gather", "load_or_measure", "load_or_measure_storage", "format_profile", "CACHE_DIR_ENV",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +288,85 @@ def _background_load(device: torch.device) -> Iterator[None]:
     finally:
         stop.set()
         worker.join()
+
+
+# ------------------------------------------------------------------------------- storage reads
+_STORAGE_PROBE_BYTES = 64 << 20
+
+
+def measure_storage(directory: str | os.PathLike, block_bytes: int, total_bytes: int = _STORAGE_PROBE_BYTES,
+                    threads: int = 4) -> tuple[float, float]:
+    """(bytes/s, seconds per file) of block-file reads from `directory`, as the storage tier reads:
+    files of `block_bytes` written, synced and dropped from the page cache (where the kernel
+    allows), then read and verified on `threads` threads. The files are removed afterwards."""
+    from vllm_partial_kv import storage
+
+    files = max(2 * threads, total_bytes // max(block_bytes, 1))
+    src = torch.randint(0, 256, (block_bytes,), dtype=torch.uint8)
+    dst = torch.empty(threads, block_bytes, dtype=torch.uint8)
+    key = storage.identity_key({"probe": os.getpid()})
+    root = Path(directory) / f".probe-{os.getpid()}"
+    paths = [storage.block_path(str(root), key, i.to_bytes(8, "little"), False) for i in range(files)]
+    try:
+        for i, path in enumerate(paths):
+            storage.write_block(path, key, i.to_bytes(8, "little"), storage.FLAG_KV,
+                                [memoryview(src.numpy())], fsync=True)
+            _drop_cached(path)
+
+        def read(i: int) -> None:
+            view = memoryview(dst[i % threads].numpy())
+            storage.read_block(paths[i], key, i.to_bytes(8, "little"), storage.FLAG_KV, [view])
+
+        started = time.perf_counter()
+        read(0)
+        one = time.perf_counter() - started
+        with ThreadPoolExecutor(threads) as pool:
+            started = time.perf_counter()
+            list(pool.map(read, range(1, files)))
+            seconds = time.perf_counter() - started
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    bandwidth = (files - 1) * block_bytes / seconds
+    return bandwidth, max(0.0, one - block_bytes / bandwidth)
+
+
+def _drop_cached(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_or_measure_storage(
+    directory: str | os.PathLike, block_bytes: int, cache_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+) -> tuple[float, float]:
+    """The storage tier's read rate for this directory's filesystem and block size, cached like
+    the device profiles (a new mount, block size or plugin version measures again)."""
+    st = os.stat(directory)
+    key = {"format": _CACHE_FORMAT, "storage": os.path.realpath(directory), "st_dev": st.st_dev,
+           "block_bytes": block_bytes, "plugin": __version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = _cache_dir(cache_dir) / f"storage-{digest}.json"
+    if not refresh and path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if data["key"] == key:
+                return float(data["bytes_per_s"]), float(data["latency_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    bandwidth, latency = measure_storage(directory, block_bytes)
+    logger.info("partial_kv: storage reads from %s: %.2f GB/s, %.0f us per block file", directory,
+                bandwidth / 1e9, latency * 1e6)
+    try:
+        _write_atomic(path, json.dumps({"key": key, "bytes_per_s": bandwidth, "latency_s": latency}))
+    except OSError as exc:
+        logger.warning("partial_kv: cannot save the storage profile to %s (%s)", path, exc)
+    return bandwidth, latency
 
 
 # --------------------------------------------------------------------------------------- caching

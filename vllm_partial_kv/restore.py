@@ -243,12 +243,14 @@ class RestoreRuntime:
     # ---------------------------------------------------------------- stores (device -> host)
     def store(
         self, block_ids: list[int], slots: list[int], capture_blocks: list[int], with_kv: list[bool] | None = None
-    ) -> None:
+    ) -> torch.cuda.Event | None:
         """Copy blocks the forward just completed to their host slots: K/V (unless `with_kv` says
         the slot holds activations only), and the activations from the block's capture block
-        where it has one (-1: none, its inputs were not kept)."""
+        where it has one (-1: none, its inputs were not kept). Returns the event the copies
+        complete with (None on the CPU: they have)."""
         if not block_ids:
-            return
+            return None
+        done = None
         act = [(s, c) for s, c in zip(slots, capture_blocks) if c >= 0] if self.act_views else []
         kv = [(s, b) for s, b, k in zip(slots, block_ids, with_kv or [True] * len(slots)) if k]
         if self.cuda:
@@ -266,6 +268,7 @@ class RestoreRuntime:
         if self.act_views:
             self.stats.stored_without_activations += len(block_ids) - len(act)
         self.stats.bytes_to_host += len(kv) * self._kv_slot_bytes + len(act) * self._act_slot_bytes
+        return done
 
     def _store(self, kv: list[tuple[int, int]], act: list[tuple[int, int]]) -> None:
         """(host slot, GPU block) pairs of K/V and (activation slot, capture block) pairs."""

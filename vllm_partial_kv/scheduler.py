@@ -55,6 +55,7 @@ class _Request:
     pinned: list[Entry] = field(default_factory=list)
     replace_ids: bool = True  # next block ids from the scheduler are the whole list
     capture: dict[int, int] = field(default_factory=dict)  # block index -> lent capture block
+    fetch: list = field(default_factory=list)  # the load's blocks read from the storage tier first
     load_failed: bool = False  # a restore of it failed: it never looks up the host store again
 
 
@@ -89,6 +90,8 @@ class RestoreBreaker:
 
 
 class PartialKVScheduler:
+    storage = None  # the storage tier's index (storage_tier.SchedulerTier), with storage_dir
+
     def __init__(self, vllm_config, kv_cache_config, cfg: PartialKVConfig, with_act: bool) -> None:
         self.cfg = cfg
         self.with_act = with_act
@@ -115,6 +118,10 @@ class PartialKVScheduler:
         self._load_steps: list[int] = []  # steps that issued restores not yet known to have succeeded
         self.breaker = RestoreBreaker()
         self._reported_usage: StoreUsage | None = None  # the gauges last sent to /metrics
+        if cfg.storage_dir:
+            from vllm_partial_kv.storage_tier import SchedulerTier
+
+            self.storage = SchedulerTier(vllm_config, cfg, with_act, cfg.cpu_bytes // (self.num_slots + act_slots))
         logger.info(
             "partial_kv: %d host block slots%s (cpu_bytes=%d in total over %d ranks, host layout %s), "
             "activations %s, ratio %s",
@@ -125,19 +132,25 @@ class PartialKVScheduler:
         )
 
     # ========================================================================== scheduler half
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self.reqs.get(request.request_id)
         if (state is not None and state.load_failed) or not self.breaker.allows():
             return 0, False
         hashes = compat.request_block_hashes(request)
         first = num_computed_tokens // self.block_size
         # vLLM must compute at least one token itself.
-        hits, forced = self._hits(hashes[first : max(first, (request.num_tokens - 1) // self.block_size)])
-        if hits == 0:
+        wanted = hashes[first : max(first, (request.num_tokens - 1) // self.block_size)]
+        hits, forced = self._hits(wanted)
+        stored: list[bool] = []
+        if self.storage is not None and hits < len(wanted) and self.storage.is_filling(wanted[hits]):
+            return None, False  # another request reads the next block from storage: ask again later
+        if self.storage is not None and hits < len(wanted) and wanted[hits] not in self.index:
+            stored, forced = self._storage_hits(wanted[hits:], hits, forced)
+        if hits + len(stored) == 0:
             return 0, False
         self._forced_blocks += forced
-        self._matched[request.request_id] = (first, hits)
-        return hits * self.block_size, self.cfg.async_load
+        self._matched[request.request_id] = (first, hits, stored)
+        return (hits + len(stored)) * self.block_size, self.cfg.async_load
 
     def may_load_async(self, request) -> bool:
         """vLLM >= 0.34 asks this as a request enters its waiting queue (so it must be cheap): a
@@ -146,7 +159,7 @@ class PartialKVScheduler:
         if not self.cfg.async_load or not self.breaker.allows():
             return False
         hashes = compat.request_block_hashes(request)
-        return bool(hashes) and hashes[0] in self.index
+        return bool(hashes) and (hashes[0] in self.index or (self.storage is not None and hashes[0] in self.storage.index))
 
     def _hits(self, hashes: list[bytes]) -> tuple[int, int]:
         """Leading stored blocks a restore can serve, and how many of them it must recompute:
@@ -156,7 +169,7 @@ class PartialKVScheduler:
         n = forced = 0
         for h in hashes:
             entry = self.index.get(h)
-            if entry is None:
+            if entry is None or (self.storage is not None and self.storage.is_filling(h)):
                 break
             if not entry.has_kv:
                 if n > forced or forced >= capacity:
@@ -165,6 +178,43 @@ class PartialKVScheduler:
             n += 1
         return n, forced
 
+    def _storage_hits(self, hashes: list[bytes], n: int, forced: int) -> tuple[list[bool], int]:
+        """The storage tier's leading blocks after `n` host hits (with activations, per block), by
+        the host hits' rule for blocks that take activations-only slots, and as many as the host
+        store has slots for that no load pins (the `n` host hits will be pinned too)."""
+        capacity = self.cfg.max_recompute_tokens // self.block_size - self._forced_blocks
+        usage = self.index.usage()
+        room = usage.capacity - usage.pinned - n
+        out = []
+        for has_act in self.storage.lookup(hashes, self.index):
+            if len(out) >= room:
+                break
+            if self.layout == "act" and has_act:
+                if n > forced or forced >= capacity:
+                    break
+                forced += 1
+            out.append(has_act)
+            n += 1
+        return out, forced
+
+    def _allocate_fills(self, req_id: str, hashes: list[bytes], stored: list[bool]) -> tuple[list[Entry], list]:
+        """Host slots for a restore's storage blocks, pinned and "filling" until the restore ends.
+        A block without a slot (every slot pinned) gets slot -1: its read fails, it is recomputed."""
+        from vllm_partial_kv.storage_tier import Fetch
+
+        entries, fetches = [], []
+        for h, has_act in zip(hashes, stored):
+            slot = None if h in self.index else self.index.allocate(h, has_act)
+            if slot is None:
+                entries.append(Entry(-1, False, indexed=False))
+                fetches.append(Fetch(h, -1, True, has_act))
+                continue
+            (entry,) = self.index.pin([h])
+            entries.append(entry)
+            fetches.append(Fetch(h, slot, entry.has_kv, has_act and self.with_act))
+        self.storage.start_fill(req_id, [f.block_hash for f in fetches if f.slot >= 0])
+        return entries, fetches
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         state = self.reqs.setdefault(request.request_id, _Request(request))
         state.request = request
@@ -172,8 +222,14 @@ class PartialKVScheduler:
         matched = self._matched.pop(request.request_id, None)
         if num_external_tokens == 0 or matched is None:
             return
-        first, n = matched
-        entries = self.index.pin(compat.request_block_hashes(request)[first : first + n])
+        first, n, stored = matched
+        hashes = compat.request_block_hashes(request)
+        entries = self.index.pin(hashes[first : first + n])
+        if stored:
+            filled, state.fetch = self._allocate_fills(
+                request.request_id, hashes[first + n : first + n + len(stored)], stored
+            )
+            entries += filled
         state.pinned += entries
         state.load = (first, entries)
         self._to_load.append(request.request_id)
@@ -212,6 +268,9 @@ class PartialKVScheduler:
             state = self.reqs.get(req_id)
             if state is not None and state.load is not None:
                 meta.loads.append(self._load_spec(req_id, state))
+                if state.fetch:
+                    meta.fetches[req_id], state.fetch = state.fetch, []
+                    self.storage.fetching(req_id, meta.loads[-1].block_ids)
                 if self.cfg.async_load:  # the restore writes them; vLLM the rest once scheduled
                     meta.new_block_ids += meta.loads[-1].block_ids
         self._to_load = []
@@ -263,9 +322,13 @@ class PartialKVScheduler:
         the request stored after them: a synchronous restore's step computed those from the
         unrestored K/V. They are stored again once vLLM has recomputed them, but that request
         never looks up the host store again (as vLLM 0.34's offloading), and steps of failed
-        restores in a row open the breaker."""
+        restores in a row open the breaker (block files that could not be read do not: they are
+        misses of the storage tier, not restore failures)."""
+        unreadable = self.storage is not None and self.storage.only_fetched(connector_output.invalid_block_ids)
         for req_id in connector_output.finished_recving or ():
             self.index.unpin(self._in_flight.pop(req_id, []))
+            if self.storage is not None:
+                self.storage.end_fill(req_id)
         invalid = connector_output.invalid_block_ids
         restored = {b: self._restored.pop(b) for b in invalid or () if b in self._restored}
         if not restored:
@@ -273,8 +336,9 @@ class PartialKVScheduler:
                 self.breaker.succeeded()
                 self._load_steps = [step for step in self._load_steps if self._steps - step < 2]
             return
-        self.breaker.failed()
-        self._load_steps = []
+        if not unreadable:
+            self.breaker.failed()
+            self._load_steps = []
         failed = list(restored.values())
         # Requests vLLM already finished (policy "fail") stored blocks after the failed ones too.
         for state in [*self.reqs.values(), *(s for _, s in self._finished)]:
@@ -290,6 +354,8 @@ class PartialKVScheduler:
             if first < state.stored_blocks:
                 failed += hashes[first : state.stored_blocks]
                 state.stored_blocks = first
+        if self.storage is not None:  # a file that could not be read is not offered again
+            self.storage.index.discard(restored.values())
         dropped = self.index.discard(failed)
         logger.warning("partial_kv: dropped %d host blocks of failed restores", dropped)
 
@@ -343,6 +409,8 @@ class PartialKVScheduler:
             meta.store_slots.append(slot)
             meta.store_capture.append(captured)
             meta.store_kv.append(self.index.get(hashes[i]).has_kv)
+            if self.storage is not None:
+                meta.store_hashes.append(self.storage.write_through(hashes[i], captured >= 0))
         state.stored_blocks = max(state.stored_blocks, full)
         return fresh
 
@@ -360,6 +428,10 @@ class PartialKVScheduler:
 
     def reset_cache(self) -> bool:
         logger.info("partial_kv: host store reset, %d blocks dropped", self.index.clear())
+        if self.storage is not None:  # the weights may have changed: files written now would lie
+            self.storage.close()
+            self.storage = None
+            logger.warning("partial_kv: the storage tier is off after a cache reset (restart to use it again)")
         for state in self.reqs.values():  # running requests store their blocks again, from block 0
             state.stored_blocks = 0
         return True
@@ -368,10 +440,13 @@ class PartialKVScheduler:
         """The host store's gauges, when they changed: vLLM asks the scheduler half after every
         step and adds its stats to the worker's."""
         usage = self.index.usage()
-        if usage == self._reported_usage:
-            return None
-        self._reported_usage = usage
-        return PartialKVStats.of_store(usage)
+        stats = None
+        if usage != self._reported_usage:
+            self._reported_usage = usage
+            stats = PartialKVStats.of_store(usage)
+        if self.storage is not None:
+            stats = self.storage.add_stats(stats)
+        return stats
 
 
 def _leading_with_act(entries: list[Entry], without_kv: bool = False) -> int:

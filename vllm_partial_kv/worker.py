@@ -50,6 +50,8 @@ class PartialKVWorker:
         self.recomputes = with_act  # False where capture hooked nothing (set with the KV caches)
         self._stats = PartialKVStats()
         self.totals = PartialKVStats()  # since start-up, for logs and tests
+        self.storage = None  # the storage tier's files (storage_tier.py), with storage_dir
+        self._link: tuple[float, float] | None = None  # its read rate, for the split of its restores
 
     # ============================================================================= worker half
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -127,6 +129,12 @@ class PartialKVWorker:
             )
         if profiling:
             self.profiles = self._load_profiles()
+        if self.cfg.storage_dir:
+            from vllm_partial_kv.storage_tier import WorkerTier
+
+            self.storage = WorkerTier(vllm_config, self.cfg, self.with_act, pool)
+            if self.profiles:
+                self._link = self.storage.link(self.cfg)
 
     def _load_profiles(self) -> dict[bool, planner.Profile]:
         """Idle and busy profiles of the runtime's recompute backend, at start-up: a restore that
@@ -174,11 +182,20 @@ class PartialKVWorker:
             return
         if not self.recomputes:
             meta = self._refuse_activations_only(meta)
-            if not meta.loads:
-                return
+        if self.storage is not None and meta.fetches:  # restored once their files are read
+            for spec in meta.loads:
+                if spec.req_id in meta.fetches:
+                    self.storage.fetch(spec, meta.fetches[spec.req_id])
+            meta = replace(meta, loads=[s for s in meta.loads if s.req_id not in meta.fetches])
+        if not meta.loads:
+            return
         wait: Wait = "none"
         if not self.cfg.async_load:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
+        self._issue(meta, wait)
+
+    def _issue(self, meta: PartialKVMetadata, wait: Wait, link: tuple[float, float] | None = None) -> None:
+        """Issue a step's restores (`link`: the blocks came over the storage tier's)."""
         failure: Exception | None = None
         try:
             self._faults.check()
@@ -193,7 +210,7 @@ class PartialKVWorker:
         done = None
         if failure is None:
             try:
-                self._choose_split(meta, wait, kernel_profiled)
+                self._choose_split(meta, wait, kernel_profiled, link)
                 done = self.runtime.load(meta.loads, wait)
             except Exception as e:
                 failure = e
@@ -231,7 +248,18 @@ class PartialKVWorker:
         return replace(meta, loads=[spec for spec in meta.loads if not spec.must_recompute])
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Asynchronous loads whose restore has completed on the device."""
+        """Asynchronous loads whose restore has completed on the device. Restores whose storage
+        reads have ended are issued here (all at once under tensor parallelism: every rank must
+        issue the same restores in the same call)."""
+        if self.storage is not None and self.storage.pending:
+            ready = self.storage.ready(wait=self._ranks is not None)
+            for spec, failed in ready:
+                self._failed_blocks |= set(failed)
+                if not spec.block_ids:
+                    self._loading[spec.req_id] = None
+            loads = [spec for spec, _ in ready if spec.block_ids]
+            if loads:
+                self._issue(PartialKVMetadata(loads=loads, busy=True), "none", self._link)
         done = {r for r, event in self._loading.items() if event is None or event.query()}
         for req_id in done:
             del self._loading[req_id]
@@ -241,7 +269,9 @@ class PartialKVWorker:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
-    def _choose_split(self, meta: PartialKVMetadata, wait: Wait, kernel_profiled: bool) -> None:
+    def _choose_split(
+        self, meta: PartialKVMetadata, wait: Wait, kernel_profiled: bool, link: tuple[float, float] | None = None
+    ) -> None:
         """Per batch: how many leading blocks of each restore to recompute from activations.
         An asynchronous restore shares the GPU with other requests' steps (busy profile); one
         waited for per layer shares it with this step's own forward, which the planner models."""
@@ -260,6 +290,8 @@ class PartialKVWorker:
             split = [0] * len(loads)
         else:
             profile = self.profiles.get(meta.busy and wait == "none")
+            if profile is not None and link is not None:
+                profile = profile.through_link(*link)
             forward_s = 0.0
             if wait == "layers" and profile is not None:
                 forward_s = planner.forward_seconds(self.plan_shape, profile, meta.forward_tokens)
@@ -281,7 +313,13 @@ class PartialKVWorker:
         self.runtime.finish_step()
         if not isinstance(meta, PartialKVMetadata):
             return
-        self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture, meta.store_kv)
+        if self.storage is not None:  # a write still reading a slot ends before the slot is reused
+            self.storage.io.wait_slots(meta.store_slots)
+        done = self.runtime.store(meta.store_block_ids, meta.store_slots, meta.store_capture, meta.store_kv)
+        if self.storage is not None and meta.store_hashes:
+            with_act = [self.with_act and c >= 0 for c in meta.store_capture]
+            self.storage.write(meta.store_hashes, meta.store_slots, meta.store_kv, with_act,
+                               done.synchronize if done is not None else None)
 
     def get_kv_connector_stats(self):
         if self.runtime is None:
@@ -289,6 +327,10 @@ class PartialKVWorker:
         step = self.runtime.take_stats()
         self._stats.add(step, self.block_size)
         self.totals.add(step, self.block_size)
+        if self.storage is not None:
+            io = self.storage.io.take_stats()
+            self._stats.add_storage(io)
+            self.totals.add_storage(io)
         if self._stats.is_empty():
             return None
         out, self._stats = self._stats, PartialKVStats()
