@@ -11,7 +11,9 @@ import pytest
 
 from vllm import SamplingParams
 
-from test_restore import _connector_cfg, _prompt, _run_until_idle, _scheduler, _scheduler_connector, _worker
+from test_restore import (
+    _connector_cfg, _prompt, _run_until_idle, _scheduler, _scheduler_connector, _slow_restores, _worker,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +96,7 @@ def test_restore_aborted_in_flight_unpins_on_an_idle_engine(fresh):
     llm.generate([prompt], sp, use_tqdm=False)
     llm.reset_prefix_cache()
 
-    class InFlight:  # the restore's event, reported done only after a few more polls
-        def __init__(self, event) -> None:
-            self.event, self.polls = event, 4
-
-        def query(self) -> bool:
-            self.polls -= 1
-            return self.polls < 0 and (self.event is None or self.event.query())
-
-    load = runtime.load
-    runtime.load = lambda loads, wait: InFlight(load(loads, wait))
+    _slow_restores(runtime)
     try:
         engine.add_request("aborted", prompt, sp)
         engine.step()

@@ -100,6 +100,23 @@ def _scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+class _InFlight:
+    """A restore's event, reported done only after a few more polls."""
+
+    def __init__(self, event) -> None:
+        self.event, self.polls = event, 4
+
+    def query(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0 and (self.event is None or self.event.query())
+
+
+def _slow_restores(runtime) -> None:
+    """Asynchronous restores stay in flight for a few more steps than they take."""
+    load = runtime.load
+    runtime.load = lambda loads, wait: _InFlight(load(loads, wait))
+
+
 def _scheduler_connector(llm):
     return _scheduler(llm).connector.scheduler
 
@@ -559,16 +576,7 @@ def test_async_restore_lets_other_requests_run_and_survives_an_abort(layout, tin
     prompt, other = _prompt(7, 6 * 32 + 5), _prompt(8, 40)
     expected = list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
 
-    class InFlight:  # the restore's event, reported done only after a few more polls
-        def __init__(self, event) -> None:
-            self.event, self.polls = event, 4
-
-        def query(self) -> bool:
-            self.polls -= 1
-            return self.polls < 0 and (self.event is None or self.event.query())
-
-    load = runtime.load
-    runtime.load = lambda loads, wait: InFlight(load(loads, wait))
+    _slow_restores(runtime)
 
     def request(prefix: str):
         return next((r for rid, r in core.requests.items() if rid.startswith(prefix)), None)

@@ -27,9 +27,11 @@ def _round_to_e4m3(x):
     return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
-@triton.jit(do_not_specialize=["n_rows", "bs", "heads"])
-def _quantize_kernel(src_ptr, ids_ptr, q_ptr, s_ptr, n_rows, bs, heads, s0, s1, s2, s3,
-                     WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, ROWS: tl.constexpr, FMAX: tl.constexpr):
+@triton.jit
+def _rows(ids_ptr, n_rows, bs, heads, s0, s1, s2,
+          WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """This program's (token, head) rows of the listed blocks: their row numbers and mask, the
+    columns and element mask, and each row's offset in the paged tensor (strides s0..s2)."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_mask = r < n_rows
     block = tl.load(ids_ptr + r // (bs * heads), mask=r_mask, other=0).to(tl.int64)
@@ -37,6 +39,13 @@ def _quantize_kernel(src_ptr, ids_ptr, q_ptr, s_ptr, n_rows, bs, heads, s0, s1, 
     cols = tl.arange(0, WIDTH_PAD)
     mask = r_mask[:, None] & (cols < WIDTH)[None, :]
     base = block * s0 + token.to(tl.int64) * s1 + head.to(tl.int64) * s2
+    return r, r_mask, cols, mask, base
+
+
+@triton.jit(do_not_specialize=["n_rows", "bs", "heads"])
+def _quantize_kernel(src_ptr, ids_ptr, q_ptr, s_ptr, n_rows, bs, heads, s0, s1, s2, s3,
+                     WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, ROWS: tl.constexpr, FMAX: tl.constexpr):
+    r, r_mask, cols, mask, base = _rows(ids_ptr, n_rows, bs, heads, s0, s1, s2, WIDTH, WIDTH_PAD, ROWS)
     x = tl.load(src_ptr + base[:, None] + (cols * s3)[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     scale = tl.where(amax > 0, amax / FMAX, 1.0)
@@ -48,15 +57,9 @@ def _quantize_kernel(src_ptr, ids_ptr, q_ptr, s_ptr, n_rows, bs, heads, s0, s1, 
 @triton.jit(do_not_specialize=["n_rows", "bs", "heads"])
 def _dequantize_kernel(q_ptr, s_ptr, dst_ptr, ids_ptr, n_rows, bs, heads, s0, s1, s2, s3,
                        WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, ROWS: tl.constexpr):
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    r_mask = r < n_rows
-    block = tl.load(ids_ptr + r // (bs * heads), mask=r_mask, other=0).to(tl.int64)
-    token, head = (r // heads) % bs, r % heads
-    cols = tl.arange(0, WIDTH_PAD)
-    mask = r_mask[:, None] & (cols < WIDTH)[None, :]
+    r, r_mask, cols, mask, base = _rows(ids_ptr, n_rows, bs, heads, s0, s1, s2, WIDTH, WIDTH_PAD, ROWS)
     q = tl.load(q_ptr + r.to(tl.int64)[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(s_ptr + r, mask=r_mask, other=1.0)
-    base = block * s0 + token.to(tl.int64) * s1 + head.to(tl.int64) * s2
     tl.store(dst_ptr + base[:, None] + (cols * s3)[None, :], (q * scale[:, None]).to(dst_ptr.dtype.element_ty),
              mask=mask)
 
