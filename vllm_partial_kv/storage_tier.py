@@ -15,9 +15,8 @@ slot: the activations of the blocks it recomputes, the K/V of those it streams. 
 (asynchronously) until the reads end, then the normal pipelined restore runs from the host slots
 with exactly that split. A host slot that got one of its file's two sections is dropped from the
 host store when the restore ends (its other half is garbage); a later look-up reads the file
-again. A block whose
-read fails (gone, damaged, foreign) ends the restore there: the blocks from it on are reported to
-vLLM as load errors and recomputed (kv_load_failure_policy "recompute").
+again. A block whose read fails (gone, damaged, foreign) ends the restore there: the blocks from
+it on are reported to vLLM as load errors and recomputed (kv_load_failure_policy "recompute").
 """
 
 from __future__ import annotations

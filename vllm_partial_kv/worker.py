@@ -185,8 +185,13 @@ class PartialKVWorker:
         if self.storage is not None and meta.fetches:  # restored once their files are read
             fetching = [s for s in meta.loads if s.req_id in meta.fetches]
             # The split first, for the storage link: it decides which section of each file to read.
-            self._choose_split(PartialKVMetadata(loads=fetching, busy=True), "none",
-                               self.runtime.kernel == self._profiled_kernel, self._link)
+            try:
+                self._choose_split(PartialKVMetadata(loads=fetching, busy=True), "none",
+                                   self.runtime.kernel == self._profiled_kernel, self._link)
+            except Exception:  # never the engine's end: stream what can be streamed
+                logger.exception("partial_kv: planning a restore from the storage tier failed; streaming it")
+                for spec in fetching:
+                    spec.recompute_blocks = spec.must_recompute
             for spec in fetching:
                 self.storage.fetch(spec, meta.fetches[spec.req_id])
             meta = replace(meta, loads=[s for s in meta.loads if s.req_id not in meta.fetches])
