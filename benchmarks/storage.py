@@ -57,7 +57,7 @@ def tier(root: str, block_bytes: int, n: int, threads: int) -> tuple[float, floa
     key = storage.identity_key({"benchmark": True})
 
     def segs(buf):
-        return lambda slot, kv, act: storage.slot_segments(buf, [buf.view(slots, block_bytes)], slot)
+        return lambda slot, kv, act: storage.slot_segments(buf, [buf.view(slots, block_bytes)] * kv, slot)
 
     writer = storage.StorageIO(root, key, segs(src.view(-1)), threads)
     t = time.perf_counter()

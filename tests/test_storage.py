@@ -47,19 +47,23 @@ class Pool:
     def segments(self, slot: int, with_kv: bool, with_act: bool) -> list[memoryview]:
         return slot_segments(self.buffer, self.kv * with_kv + self.act * with_act, slot)
 
+    def sections(self, slot: int) -> tuple[list[memoryview], list[memoryview]]:
+        """A slot's K/V section and activation section."""
+        return self.segments(slot, True, False), self.segments(slot, False, True)
+
     def slot_bytes(self, slot: int, with_kv: bool = True, with_act: bool = True) -> bytes:
         return b"".join(bytes(s) for s in self.segments(slot, with_kv, with_act))
 
 
 def _write(root: str, pool: Pool, slot: int, block_hash: bytes, key: str = KEY) -> str:
     path = block_path(root, key, block_hash, True)
-    write_block(path, key, block_hash, FLAG_KV | FLAG_ACT, pool.segments(slot, True, True), fsync=False)
+    write_block(path, key, block_hash, FLAG_KV | FLAG_ACT, *pool.sections(slot), fsync=False)
     return path
 
 
-def _read(root: str, pool: Pool, slot: int, block_hash: bytes) -> int:
+def _read(root: str, pool: Pool, slot: int, block_hash: bytes, sections: int = FLAG_KV | FLAG_ACT) -> int:
     return read_block(block_path(root, KEY, block_hash, True), KEY, block_hash, FLAG_KV | FLAG_ACT,
-                      pool.segments(slot, True, True))
+                      *pool.sections(slot), sections)
 
 
 def test_a_block_round_trips_through_its_file_into_another_slot(tmp_path):
@@ -73,9 +77,49 @@ def test_a_block_round_trips_through_its_file_into_another_slot(tmp_path):
     assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]  # no temporary left
 
 
+@pytest.mark.parametrize("damaged", [FLAG_KV, FLAG_ACT])
+def test_each_section_is_read_and_verified_alone(tmp_path, damaged):
+    """A restore reads the activations of a block it recomputes, the K/V of one it streams: each
+    read checks its own section's checksum only, and a damaged section fails only its reads."""
+    src, root = Pool(2, seed=1), str(tmp_path)
+    path = _write(root, src, 0, h(1))
+    head = storage._HEADER.size + len(h(1))
+    kv_len, act_len = len(src.slot_bytes(0, True, False)), len(src.slot_bytes(0, False, True))
+    assert os.path.getsize(path) == head + kv_len + act_len
+    for section, with_kv, with_act, length in ((FLAG_KV, True, False, kv_len), (FLAG_ACT, False, True, act_len)):
+        dst = Pool(2, seed=2)
+        other = dst.slot_bytes(1, with_act, with_kv)  # the section not read stays as it was
+        assert _read(root, dst, 1, h(1), section) == head + length
+        assert dst.slot_bytes(1, with_kv, with_act) == src.slot_bytes(0, with_kv, with_act)
+        assert dst.slot_bytes(1, with_act, with_kv) == other
+    data = bytearray(Path(path).read_bytes())
+    data[head + 3 if damaged == FLAG_KV else len(data) - 3] ^= 0x01
+    Path(path).write_bytes(bytes(data))
+    intact = FLAG_ACT if damaged == FLAG_KV else FLAG_KV
+    _read(root, Pool(2), 1, h(1), intact)
+    for sections in (damaged, FLAG_KV | FLAG_ACT):
+        with pytest.raises(Rejected) as e:
+            _read(root, Pool(2), 1, h(1), sections)
+        assert e.value.kind == "corrupt"
+
+
+def test_storage_io_counts_the_bytes_of_the_sections_it_read(tmp_path):
+    src, dst, root = Pool(4, seed=1), Pool(4, seed=2), str(tmp_path)
+    _write(root, src, 0, h(1))
+    io = StorageIO(root, KEY, dst.segments, threads=2)
+    try:
+        assert io.read(h(1), 2, True, True, FLAG_ACT).result() is True
+        assert dst.slot_bytes(2, False, True) == src.slot_bytes(0, False, True)
+        stats = io.take_stats()
+        assert stats.blocks_read == 1
+        assert stats.bytes_read == storage._HEADER.size + len(h(1)) + len(src.slot_bytes(0, False, True))
+    finally:
+        io.close()
+
+
 def _write_is_needed(root, pool, slot, block_hash) -> bool:
     return write_block(block_path(root, KEY, block_hash, True), KEY, block_hash, FLAG_KV | FLAG_ACT,
-                       pool.segments(slot, True, True), fsync=True)
+                       *pool.sections(slot), fsync=True)
 
 
 def _damage(path: str, how: str) -> None:
@@ -105,7 +149,7 @@ def test_foreign_files_under_this_name_are_rejected(tmp_path):
     pool, root = Pool(2), str(tmp_path)
     # Another identity's file of the same block, copied to this identity's name.
     other = block_path(root, OTHER, h(1), True)
-    write_block(other, OTHER, h(1), FLAG_KV | FLAG_ACT, pool.segments(0, True, True), fsync=False)
+    write_block(other, OTHER, h(1), FLAG_KV | FLAG_ACT, *pool.sections(0), fsync=False)
     mine = block_path(root, KEY, h(1), True)
     os.makedirs(os.path.dirname(mine))
     os.link(other, mine)
@@ -119,7 +163,7 @@ def test_foreign_files_under_this_name_are_rejected(tmp_path):
         assert e.value.kind == "foreign"
     # The same block written with activations, read as a K/V-only block of the same size: flags differ.
     with pytest.raises(Rejected) as e:
-        read_block(block_path(root, KEY, h(2), True), KEY, h(2), FLAG_KV, pool.segments(1, True, True))
+        read_block(block_path(root, KEY, h(2), True), KEY, h(2), FLAG_KV, *pool.sections(1))
     assert e.value.kind == "foreign"
 
 
@@ -257,9 +301,9 @@ def test_the_index_learns_other_instances_files_by_rescan_and_requires_every_ran
     try:
         for i in range(3):
             _write(root, pool, i, h(i))
-        write_block(block_path(root, rank1, h(0), False), rank1, h(0), FLAG_KV, pool.segments(0, True, False), False)
-        write_block(block_path(root, rank1, h(1), True), rank1, h(1), FLAG_KV | FLAG_ACT,
-                    pool.segments(1, True, True), False)
+        write_block(block_path(root, rank1, h(0), False), rank1, h(0), FLAG_KV, pool.segments(0, True, False), [],
+                    False)
+        write_block(block_path(root, rank1, h(1), True), rank1, h(1), FLAG_KV | FLAG_ACT, *pool.sections(1), False)
         deadline = time.time() + 10
         while index.prefix_hits([h(0), h(1), h(2)]) < 2 and time.time() < deadline:
             time.sleep(0.01)
@@ -432,9 +476,10 @@ def _bare_scheduler(tmp_path, slots: int):
 
     conn = _scheduler_half("kv+act", 64)
     conn.index, conn.with_act, conn._to_load, conn.layout = BlockIndex(slots), True, [], "kv+act"
+    conn._in_flight, conn._restored, conn._load_steps, conn._steps = {}, {}, [], 0
     tier = SchedulerTier.__new__(SchedulerTier)
     tier.index = StorageIndex(str(tmp_path), [KEY], 1 << 30, 3600, 1)
-    tier.filling, tier._filling, tier._fetch_loads, tier._fetch_blocks = {}, set(), {}, {}
+    tier.filling, tier._filling, tier._fetch_loads, tier._fetch_blocks, tier._partial = {}, set(), {}, {}, {}
     tier.hit_blocks = tier.missed_lookups = 0
     conn.storage = tier
     return conn
@@ -461,11 +506,14 @@ def test_a_host_miss_continues_on_storage_and_a_block_being_read_makes_others_wa
     fetch = conn.reqs["a"].fetch
     assert [f.block_hash for f in fetch] == hashes[2:4] and all(f.slot >= 0 and f.with_act for f in fetch)
     assert conn.storage.hit_blocks == 2 and conn.storage.missed_lookups == 1
-    # Another request with the same prefix waits until the read ends, then restores from the host.
+    # Another request with the same prefix waits until the read ends. The worker read one section
+    # of each file into the slots: the host store drops them, and the second reads the files again.
     second = _request("b", hashes[:4] + [h(9)])
     assert conn.get_num_new_matched_tokens(second, 0) == (None, False)
-    conn.storage.end_fill("a")
+    conn.update_connector_output(SimpleNamespace(finished_recving={"a"}, invalid_block_ids=set()))
+    assert hashes[2] not in conn.index and hashes[1] in conn.index
     assert conn.get_num_new_matched_tokens(second, 0) == (16, True)
+    assert conn._matched["b"][2] == [True, True]  # from storage
 
 
 def test_storage_blocks_are_offered_only_as_far_as_free_host_slots_go(tmp_path):

@@ -5,6 +5,7 @@ damaged, foreign or the directory turns read-only."""
 from __future__ import annotations
 
 import gc
+import math
 import os
 import subprocess
 import time
@@ -119,12 +120,36 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".a", ".k"))
 
 
-def test_a_fresh_engine_restores_from_the_directory_with_the_same_tokens(runs, tmp_path):
+def _sections(root: Path) -> tuple[int, int, int]:
+    """(header with hash, K/V section, activation section) bytes, the same in every block file."""
+    sizes = set()
+    for path in _files(root):
+        head = path.read_bytes()[: storage._HEADER.size]
+        _, _, flags, hash_len, _, kv, act, _, _ = storage._HEADER.unpack(head)
+        assert flags == storage.FLAG_KV | storage.FLAG_ACT and path.suffix == ".a"
+        sizes.add((storage._HEADER.size + hash_len, kv, act))
+    assert len(sizes) == 1
+    return sizes.pop()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.01])  # 0.01: no block recomputed, activations kept
+def test_a_fresh_engine_restores_from_the_directory_reading_one_section_per_block(runs, tmp_path, ratio):
+    """The split is chosen before the reads: a recomputed block's file gives only its
+    activations, a streamed block's only its K/V; the tokens are those of an engine without the
+    plugin."""
     model, root, back, want = runs
-    llm, got, totals, sched = _restore_from(model, _copy(root, tmp_path / "d"), back)
+    d = _copy(root, tmp_path / "d")
+    head, kv, act = _sections(d)
+    llm, got, totals, sched = _restore_from(model, d, back, recompute_ratio=ratio)
     assert got == want
-    assert totals["storage_blocks_read"] >= 3 * (PREFIX // 32 - 1) and totals["tokens_loaded"] > 0
+    blocks, recomputed = totals["storage_blocks_read"], totals["tokens_recomputed"] // 32
+    assert blocks >= 3 * (PREFIX // 32 - 1) and totals["tokens_loaded"] > 0
     assert totals["storage_rejected_files"] == 0 and totals["restore_failures"] == 0
+    # The fresh engine's host store starts empty: every restored block came from a file.
+    assert totals["tokens_loaded"] // 32 == blocks
+    assert recomputed == math.floor(ratio * (PREFIX // 32) + 0.5) * 3  # 3 requests of 8 blocks: 12, 0
+    assert totals["storage_bytes_read"] == recomputed * (head + act) + (blocks - recomputed) * (head + kv)
+    assert totals["storage_bytes_read"] < blocks * (head + kv + act)
     del llm
 
 
@@ -144,7 +169,8 @@ def test_damaged_and_foreign_files_are_rejected_and_recomputed(runs, tmp_path, d
             other = storage.identity_key({"another": "model"})
             tmp = storage.block_path(str(tmp_path / "other"), other, bytes.fromhex(path.stem), path.suffix == ".a")
             seg = memoryview(bytes(len(data) - storage._HEADER.size - len(bytes.fromhex(path.stem))))
-            storage.write_block(tmp, other, bytes.fromhex(path.stem), storage.FLAG_KV | storage.FLAG_ACT, [seg], False)
+            storage.write_block(tmp, other, bytes.fromhex(path.stem), storage.FLAG_KV | storage.FLAG_ACT, [seg], [],
+                                False)
             data = bytearray(Path(tmp).read_bytes())
             assert key != other
         path.write_bytes(bytes(data))
@@ -198,10 +224,10 @@ def test_a_full_filesystem_keeps_serving_from_host_memory(runs, tmp_path):
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
-def test_fp8_store_blocks_come_back_from_the_directory_byte_for_byte(runs, tmp_path):
-    """host_format fp8 through the tier: a fresh engine's host slots, filled from the files,
-    hold exactly the writer's fp8 values and scales (activation rows' scales included: without
-    them a recompute from storage scales every row wrongly)."""
+def test_fp8_store_blocks_come_back_from_the_directory_byte_for_byte(runs, tmp_path, monkeypatch):
+    """host_format fp8 through the tier: each section a fresh engine reads into a host slot holds
+    exactly the writer's fp8 values and scales (activation rows' scales included: without them a
+    recompute from storage scales every row wrongly)."""
     model, _, back, _ = runs
     first = [p[: PREFIX + 5] for p in back]
     root = tmp_path / "fp8"
@@ -209,27 +235,36 @@ def test_fp8_store_blocks_come_back_from_the_directory_byte_for_byte(runs, tmp_p
     _generate(writer, first)
     _flush(writer)
     sched, worker = _halves(writer)
-    pool = worker.runtime.pool
-    assert pool.act_scale, "the fp8 store keeps activation scales"
+    assert worker.runtime.pool.act_scale, "the fp8 store keeps activation scales"
 
-    def slot_bytes(pool, entry) -> list[torch.Tensor]:
-        views = [v for vs in pool.kv.values() for v in vs] + [*pool.act.values(), *pool.act_scale.values()]
-        return [v[entry.slot].clone() for v in views]
+    def section(segments) -> bytes:
+        return b"".join(bytes(s) for s in segments)
 
-    written = {h: slot_bytes(pool, e) for h, e in sched.index._entries.items() if e.has_activations}
+    io = worker.storage.io
+    written = {h: (section(io.segments(e.slot, True, False)), section(io.segments(e.slot, False, True)))
+               for h, e in sched.index._entries.items() if e.has_activations}
     assert written
-    del writer, sched, worker, pool
+    del writer, sched, worker, io
+    read = {}  # block hash -> (K/V, activations) as read into the slot; None: not read
+    original = storage.read_block
+
+    def recording(path, key, block_hash, flags, kv, act, sections):
+        n = original(path, key, block_hash, flags, kv, act, sections)
+        read[block_hash] = tuple(section(segs) if sections & bit else None
+                                 for bit, segs in ((storage.FLAG_KV, kv), (storage.FLAG_ACT, act)))
+        return n
+
+    monkeypatch.setattr(storage, "read_block", recording)
     llm = _engine(model, str(root), host_format="fp8")
     _wait_scanned(llm)
     _generate(llm, back)
     totals = _flush(llm)
-    sched, worker = _halves(llm)
     assert totals["storage_blocks_read"] >= 3 and totals["storage_rejected_files"] == 0
-    compared = 0
-    for h, entry in sched.index._entries.items():
-        if h in written and entry.has_activations:
-            for got, want in zip(slot_bytes(worker.runtime.pool, entry), written[h]):
-                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-            compared += 1
-    assert compared >= 3
+    compared = [0, 0]
+    for h, got in read.items():
+        for i, (g, w) in enumerate(zip(got, written[h])):
+            if g is not None:
+                assert g == w
+                compared[i] += 1
+    assert min(compared) >= 3  # K/V of streamed blocks, activations of recomputed ones
     del llm

@@ -310,12 +310,12 @@ def measure_storage(directory: str | os.PathLike, block_bytes: int, total_bytes:
     try:
         for i, path in enumerate(paths):
             storage.write_block(path, key, i.to_bytes(8, "little"), storage.FLAG_KV,
-                                [memoryview(src.numpy())], fsync=True)
+                                [memoryview(src.numpy())], [], fsync=True)
             _drop_cached(path)
 
         def read(i: int) -> None:
             view = memoryview(dst[i % threads].numpy())
-            storage.read_block(paths[i], key, i.to_bytes(8, "little"), storage.FLAG_KV, [view])
+            storage.read_block(paths[i], key, i.to_bytes(8, "little"), storage.FLAG_KV, [view], [])
 
         started = time.perf_counter()
         read(0)

@@ -212,7 +212,7 @@ class PartialKVScheduler:
             (entry,) = self.index.pin([h])
             entries.append(entry)
             fetches.append(Fetch(h, slot, entry.has_kv, has_act and self.with_act))
-        self.storage.start_fill(req_id, [f.block_hash for f in fetches if f.slot >= 0])
+        self.storage.start_fill(req_id, fetches)
         return entries, fetches
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
@@ -328,7 +328,7 @@ class PartialKVScheduler:
         for req_id in connector_output.finished_recving or ():
             self.index.unpin(self._in_flight.pop(req_id, []))
             if self.storage is not None:
-                self.storage.end_fill(req_id)
+                self.index.discard(self.storage.end_fill(req_id))
         invalid = connector_output.invalid_block_ids
         restored = {b: self._restored.pop(b) for b in invalid or () if b in self._restored}
         if not restored:

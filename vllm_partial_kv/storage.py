@@ -8,12 +8,14 @@ pipeline stage, the on-disk format version): instances that differ in any of it 
 folders and never read each other's blocks. The block hash is vLLM's chained prefix hash, equal
 across instances when they hash the same way (sha256, or PYTHONHASHSEED shared for the others).
 
-A file: a fixed header (magic, format version, flags, identity digest, payload length, CRC-32 of
-the hash and payload), the block hash, then the payload: the host slot's bytes, layer by layer.
+A file: a fixed header (magic, format version, flags, identity digest, and per section its length
+and CRC-32 of the hash and the section), the block hash, then two sections: the host slot's K/V,
+layer by layer, then its activations. Each section can be read and verified alone: a restore
+reads only the activations of the blocks it recomputes and only the K/V of those it streams.
 Writes go to a temporary file in the same folder, then `os.replace` (atomic on POSIX filesystems
 and on NFS): a reader sees a whole block or none. Two instances writing one block both write a
 whole file; the last rename wins and one copy remains. A read checks size, header, identity, hash
-and checksum; any mismatch is a miss (counted, logged once per kind), never a wrong block.
+and the checksum of each section it reads; any mismatch is a miss (counted, logged once per kind), never a wrong block.
 
 Who does what: the scheduler's `StorageIndex` answers look-ups from memory (a dict) and learns of
 other instances' files from a background rescan every `rescan_s`; the same thread keeps the whole
@@ -41,10 +43,10 @@ import torch
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a length and CRC-32 per section (K/V, activations)
 MAGIC = b"PKVBLOCK"
-# magic, format version, flags, hash length, identity digest, payload bytes, CRC-32
-_HEADER = struct.Struct("<8sHHI16sQI")
+# magic, format version, flags, hash length, identity digest, K/V bytes, activation bytes, their CRC-32s
+_HEADER = struct.Struct("<8sHHI16sQQII")
 FLAG_KV, FLAG_ACT = 1, 2
 _TMP_SUFFIX = ".tmp"
 _STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
@@ -91,16 +93,17 @@ def _crc(block_hash: bytes, segments: Sequence[memoryview]) -> int:
 
 
 def write_block(
-    path: str, key: str, block_hash: bytes, flags: int, segments: Sequence[memoryview], fsync: bool
+    path: str, key: str, block_hash: bytes, flags: int, kv: Sequence[memoryview], act: Sequence[memoryview],
+    fsync: bool,
 ) -> bool:
-    """Write a block file atomically (temporary file, optional fsync, rename). False when a file
-    is already there (another instance, or an earlier write, stored the block)."""
+    """Write a block file (its K/V section `kv`, then its activation section `act`) atomically
+    (temporary file, optional fsync, rename). False when a file is already there (another
+    instance, or an earlier write, stored the block)."""
     if os.path.exists(path):
         return False
-    payload = sum(len(s) for s in segments)
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, flags, len(block_hash), bytes.fromhex(key)[:16], payload,
-        _crc(block_hash, segments),
+        MAGIC, FORMAT_VERSION, flags, len(block_hash), bytes.fromhex(key)[:16], _nbytes(kv), _nbytes(act),
+        _crc(block_hash, kv), _crc(block_hash, act),
     )
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -108,7 +111,7 @@ def write_block(
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
-            _write_all(fd, [memoryview(header), memoryview(block_hash), *segments])
+            _write_all(fd, [memoryview(header), memoryview(block_hash), *kv, *act])
             if fsync:
                 os.fsync(fd)
         finally:
@@ -123,6 +126,10 @@ def write_block(
     return True
 
 
+def _nbytes(segments: Sequence[memoryview]) -> int:
+    return sum(s.nbytes for s in segments)
+
+
 def _write_all(fd: int, views: list[memoryview]) -> None:
     views = [v.cast("B") for v in views]
     while views:
@@ -134,12 +141,16 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
                 views[0], n = views[0][n:], 0
 
 
-def read_block(path: str, key: str, block_hash: bytes, flags: int, segments: Sequence[memoryview]) -> int:
-    """Read a block file into `segments` (the host slot's views) and verify it; returns the bytes
-    read. FileNotFoundError: no such block (a plain miss); Rejected: a file that is there but is not
-    this block, whole (its bytes in `segments` are then garbage: the caller drops the slot)."""
-    payload = sum(len(s) for s in segments)
-    want_size = _HEADER.size + len(block_hash) + payload
+def read_block(
+    path: str, key: str, block_hash: bytes, flags: int, kv: Sequence[memoryview], act: Sequence[memoryview],
+    sections: int = FLAG_KV | FLAG_ACT,
+) -> int:
+    """Read the `sections` (FLAG_KV, FLAG_ACT) of a block file written with `flags` into `kv` and
+    `act` (the host slot's views) and verify them, each by its own checksum; returns the bytes
+    read. FileNotFoundError: no such block (a plain miss); Rejected: a file that is there but is
+    not this block, whole (what was read into the views is then garbage: the caller drops it)."""
+    head_size = _HEADER.size + len(block_hash)
+    want_size = head_size + _nbytes(kv) + _nbytes(act)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -153,32 +164,41 @@ def read_block(path: str, key: str, block_hash: bytes, flags: int, segments: Seq
         size = st.st_size
         if size != want_size:
             raise Rejected("truncated" if size < want_size else "corrupt", f"{path}: {size} bytes, want {want_size}")
-        head = bytearray(_HEADER.size + len(block_hash))
-        views = [memoryview(head), *(s.cast("B") for s in segments)]
-        got = 0
-        while views:
-            n = os.readv(fd, views[:512])
-            if n == 0:
-                raise Rejected("truncated", f"{path}: ended after {got} bytes")
-            got += n
-            while n and views:
-                if n >= len(views[0]):
-                    n -= len(views.pop(0))
-                else:
-                    views[0], n = views[0][n:], 0
+        head = bytearray(head_size)
+        got = _read_at(fd, path, [memoryview(head)], 0)
+        magic, version, file_flags, hash_len, digest, kv_len, act_len, kv_crc, act_crc = _HEADER.unpack_from(head)
+        if magic != MAGIC:
+            raise Rejected("corrupt", f"{path}: not a block file")
+        if (version, digest, file_flags, hash_len, kv_len, act_len) != (
+            FORMAT_VERSION, bytes.fromhex(key)[:16], flags, len(block_hash), _nbytes(kv), _nbytes(act)
+        ) or head[_HEADER.size :] != block_hash:
+            raise Rejected("foreign", f"{path}: written for another identity, layout or block")
+        for bit, segs, offset, crc in ((FLAG_KV, kv, head_size, kv_crc), (FLAG_ACT, act, head_size + kv_len, act_crc)):
+            if sections & bit and segs:
+                got += _read_at(fd, path, list(segs), offset)
+                if _crc(block_hash, segs) != crc:
+                    raise Rejected("corrupt", f"{path}: checksum mismatch")
     except OSError as e:
         raise Rejected("unreadable", f"{path}: {e}") from None
     finally:
         os.close(fd)
-    magic, version, file_flags, hash_len, digest, file_payload, crc = _HEADER.unpack_from(head)
-    if magic != MAGIC:
-        raise Rejected("corrupt", f"{path}: not a block file")
-    if (version, digest, file_flags, hash_len, file_payload) != (
-        FORMAT_VERSION, bytes.fromhex(key)[:16], flags, len(block_hash), payload
-    ) or head[_HEADER.size :] != block_hash:
-        raise Rejected("foreign", f"{path}: written for another identity, layout or block")
-    if _crc(block_hash, segments) != crc:
-        raise Rejected("corrupt", f"{path}: checksum mismatch")
+    return got
+
+
+def _read_at(fd: int, path: str, views: list[memoryview], offset: int) -> int:
+    """Fill `views` from the file's bytes at `offset`; returns the bytes read."""
+    views = [v.cast("B") for v in views]
+    got = 0
+    while views:
+        n = os.preadv(fd, views[:512], offset + got)
+        if n == 0:
+            raise Rejected("truncated", f"{path}: ended after {offset + got} bytes")
+        got += n
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0], n = views[0][n:], 0
     return got
 
 
@@ -420,7 +440,7 @@ class StorageIO:
         self, block_hash: bytes, slot: int, with_kv: bool, with_act: bool, ready: Callable[[], None] | None = None
     ) -> Future:
         """Write a slot's block once `ready()` returns (the device->host copy into it is done)."""
-        segs = self.segments(slot, with_kv, with_act)
+        kv, act = self.segments(slot, with_kv, False), self.segments(slot, False, with_act)
         flags = FLAG_KV * with_kv | FLAG_ACT * with_act
         path = block_path(self.root, self.key, block_hash, with_act)
 
@@ -428,10 +448,10 @@ class StorageIO:
             if ready is not None:
                 ready()
             try:
-                if write_block(path, self.digest_key, block_hash, flags, segs, self.fsync):
+                if write_block(path, self.digest_key, block_hash, flags, kv, act, self.fsync):
                     with self._lock:
                         self.stats.blocks_written += 1
-                        self.stats.bytes_written += sum(len(s) for s in segs)
+                        self.stats.bytes_written += _nbytes(kv) + _nbytes(act)
             except OSError as e:
                 with self._lock:
                     self.stats.write_errors += 1
@@ -448,10 +468,13 @@ class StorageIO:
         self._slot_writes[slot] = fut
         return fut
 
-    def read(self, block_hash: bytes, slot: int, with_kv: bool, with_act: bool) -> Future:
-        """Read a block into a slot; the future's result is True when the slot holds it, verified."""
+    def read(
+        self, block_hash: bytes, slot: int, with_kv: bool, with_act: bool, sections: int = FLAG_KV | FLAG_ACT
+    ) -> Future:
+        """Read the `sections` of a block file (written with K/V and activations as `with_kv`,
+        `with_act`) into a slot; the future's result is True when the slot holds them, verified."""
         self.wait_slots([slot])
-        segs = self.segments(slot, with_kv, with_act)
+        kv, act = self.segments(slot, with_kv, False), self.segments(slot, False, with_act)
         flags = FLAG_KV * with_kv | FLAG_ACT * with_act
         path = block_path(self.root, self.key, block_hash, with_act)
         with self._lock:
@@ -461,7 +484,7 @@ class StorageIO:
             if writing is not None:
                 writing.result()
             try:
-                n = read_block(path, self.digest_key, block_hash, flags, segs)
+                n = read_block(path, self.digest_key, block_hash, flags, kv, act, sections)
             except FileNotFoundError:
                 with self._lock:
                     self.stats.read_misses += 1

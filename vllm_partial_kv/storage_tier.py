@@ -9,11 +9,14 @@ directory once its device->host copy is done, unless the index already has it. (
 rather than on host eviction: eviction happens in the scheduler, while the slot's bytes are in
 the worker; and a block that is written early is there for the other instances early.)
 
-Worker: a restore with storage blocks first reads their files into the host slots on the I/O
-threads; the request waits (asynchronously) until the reads end, then the normal pipelined restore
-runs from the host slots, its split planned for the storage link's measured rate. A block whose
-read fails (gone, damaged, foreign) ends the restore there: the blocks from it on are reported to
-vLLM as load errors and recomputed (kv_load_failure_policy "recompute").
+Worker: a restore with storage blocks has its split planned first, for the storage link's
+measured rate; then it reads, on the I/O threads, only the section each block needs into its host
+slot: the activations of the blocks it recomputes, the K/V of those it streams. The request waits
+(asynchronously) until the reads end, then the normal pipelined restore runs from the host slots
+with exactly that split. A host slot that got one of its file's two sections is dropped from the
+host store when the restore ends (its other half is garbage); a later look-up reads the file
+again. A block whose read fails (gone, damaged, foreign) ends the restore there: the blocks from
+it on are reported to vLLM as load errors and recomputed (kv_load_failure_policy "recompute").
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class SchedulerTier:
         self.index.start()
         self.filling: dict[str, list[bytes]] = {}  # request -> blocks being read into host slots
         self._filling: set[bytes] = set()
+        self._partial: dict[str, list[bytes]] = {}  # request -> blocks filled with one section only
         self._fetch_loads: dict[str, list[int]] = {}  # request -> GPU blocks of its restore with reads
         self._fetch_blocks: dict[int, str] = {}
         self.hit_blocks = 0
@@ -131,16 +135,23 @@ class SchedulerTier:
             self.missed_lookups += 1
         return out
 
-    def start_fill(self, req_id: str, hashes: list[bytes]) -> None:
+    def start_fill(self, req_id: str, fetches: list[Fetch]) -> None:
+        hashes = [f.block_hash for f in fetches if f.slot >= 0]
         self.hit_blocks += len(hashes)
         self.filling.setdefault(req_id, []).extend(hashes)
         self._filling.update(hashes)
+        # Files with both sections: the worker reads only one of them into the slot.
+        self._partial.setdefault(req_id, []).extend(f.block_hash for f in fetches if f.slot >= 0 and f.with_kv
+                                                    and f.with_act)
 
-    def end_fill(self, req_id: str) -> None:
+    def end_fill(self, req_id: str) -> list[bytes]:
+        """The request's restore ended: the blocks whose host slots hold only part of the block
+        (for the host store to drop)."""
         for h in self.filling.pop(req_id, ()):
             self._filling.discard(h)
         for b in self._fetch_loads.pop(req_id, ()):
             self._fetch_blocks.pop(b, None)
+        return self._partial.pop(req_id, [])
 
     def fetching(self, req_id: str, block_ids: list[int]) -> None:
         """The GPU blocks of a restore that reads block files first."""
@@ -218,15 +229,17 @@ class WorkerTier:
                 self.io.write(h, slot, kv, act, ready)
 
     def fetch(self, spec, fetches: list[Fetch]) -> None:
-        """Start the reads of a restore's storage blocks (the last len(fetches) of the spec)."""
+        """Start the reads of a restore's storage blocks (the last len(fetches) of the spec), its
+        split already chosen: the activations of a block it recomputes, the K/V of one it streams."""
         pending = _Pending(spec, len(spec.slots) - len(fetches))
-        for f in fetches:
-            if f.slot < 0:
+        for i, f in enumerate(fetches, start=pending.first_fetch):
+            section = storage.FLAG_ACT if i < spec.recompute_blocks else storage.FLAG_KV
+            if f.slot < 0 or not section & (storage.FLAG_KV * f.with_kv | storage.FLAG_ACT * f.with_act):
                 failed: Future = Future()
                 failed.set_result(False)
                 pending.reads.append(failed)
             else:
-                pending.reads.append(self.io.read(f.block_hash, f.slot, f.with_kv, f.with_act))
+                pending.reads.append(self.io.read(f.block_hash, f.slot, f.with_kv, f.with_act, section))
         self.pending[spec.req_id] = pending
 
     def ready(self, wait: bool) -> list[tuple[object, list[int]]]:

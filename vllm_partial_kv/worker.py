@@ -183,9 +183,17 @@ class PartialKVWorker:
         if not self.recomputes:
             meta = self._refuse_activations_only(meta)
         if self.storage is not None and meta.fetches:  # restored once their files are read
-            for spec in meta.loads:
-                if spec.req_id in meta.fetches:
-                    self.storage.fetch(spec, meta.fetches[spec.req_id])
+            fetching = [s for s in meta.loads if s.req_id in meta.fetches]
+            # The split first, for the storage link: it decides which section of each file to read.
+            try:
+                self._choose_split(PartialKVMetadata(loads=fetching, busy=True), "none",
+                                   self.runtime.kernel == self._profiled_kernel, self._link)
+            except Exception:  # never the engine's end: stream what can be streamed
+                logger.exception("partial_kv: planning a restore from the storage tier failed; streaming it")
+                for spec in fetching:
+                    spec.recompute_blocks = spec.must_recompute
+            for spec in fetching:
+                self.storage.fetch(spec, meta.fetches[spec.req_id])
             meta = replace(meta, loads=[s for s in meta.loads if s.req_id not in meta.fetches])
         if not meta.loads:
             return
@@ -194,8 +202,8 @@ class PartialKVWorker:
             wait = "layers" if compat.calls_layer_waits(forward_context) else "whole"
         self._issue(meta, wait)
 
-    def _issue(self, meta: PartialKVMetadata, wait: Wait, link: tuple[float, float] | None = None) -> None:
-        """Issue a step's restores (`link`: the blocks came over the storage tier's)."""
+    def _issue(self, meta: PartialKVMetadata, wait: Wait, planned: bool = False) -> None:
+        """Issue a step's restores (`planned`: their split is chosen, as their storage reads were)."""
         failure: Exception | None = None
         try:
             self._faults.check()
@@ -210,7 +218,8 @@ class PartialKVWorker:
         done = None
         if failure is None:
             try:
-                self._choose_split(meta, wait, kernel_profiled, link)
+                if not planned:
+                    self._choose_split(meta, wait, kernel_profiled)
                 done = self.runtime.load(meta.loads, wait)
             except Exception as e:
                 failure = e
@@ -259,7 +268,7 @@ class PartialKVWorker:
                     self._loading[spec.req_id] = None
             loads = [spec for spec, _ in ready if spec.block_ids]
             if loads:
-                self._issue(PartialKVMetadata(loads=loads, busy=True), "none", self._link)
+                self._issue(PartialKVMetadata(loads=loads, busy=True), "none", planned=True)
         done = {r for r, event in self._loading.items() if event is None or event.query()}
         for req_id in done:
             del self._loading[req_id]
