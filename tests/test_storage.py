@@ -540,3 +540,20 @@ def test_a_file_from_a_device_that_lays_blocks_out_otherwise_is_foreign(tmp_path
     finally:
         nhd.close()
         hnd.close()
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_the_storage_tier_refuses_parallel_workers_at_start_up(tp, pp):
+    """Each rank would start its restore when its own reads finish, out of step with the other
+    ranks' joins: start-up stops, naming the keys, instead of hanging later."""
+    from types import SimpleNamespace
+
+    from vllm_partial_kv.config import ConfigError, parse_config
+    from vllm_partial_kv.deployment import check_storage_parallelism
+
+    config = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp))
+    with pytest.raises(ConfigError, match="storage_dir: the storage tier runs with tensor_parallel_size"):
+        check_storage_parallelism(config, parse_config({"storage_dir": "/tmp/x"}))
+    check_storage_parallelism(config, parse_config({}))  # without the tier: any parallelism
+    single = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1))
+    check_storage_parallelism(single, parse_config({"storage_dir": "/tmp/x"}))

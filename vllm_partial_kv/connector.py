@@ -12,7 +12,7 @@ from typing import Any
 
 from vllm_partial_kv import compat
 from vllm_partial_kv.config import ConfigError, parse_config
-from vllm_partial_kv.deployment import activations_wanted, extra_config
+from vllm_partial_kv.deployment import activations_wanted, check_storage_parallelism, extra_config
 from vllm_partial_kv.metadata import PartialKVMetadata  # noqa: F401  (vLLM pickles it by this path too)
 from vllm_partial_kv.metrics import PartialKVStats
 from vllm_partial_kv.scheduler import PartialKVScheduler
@@ -30,6 +30,7 @@ class PartialRecomputeConnector(compat.KVConnectorBase_V1):
                 f"max_recompute_tokens={cfg.max_recompute_tokens} is less than one block "
                 f"({block_size} tokens): nothing could be recomputed; raise it or set recompute_ratio 0"
             )
+        check_storage_parallelism(vllm_config, cfg)
         self.scheduler: PartialKVScheduler | None = None
         self.worker: PartialKVWorker | None = None
         if role == compat.KVConnectorRole.SCHEDULER:

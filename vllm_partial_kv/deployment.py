@@ -13,7 +13,7 @@ from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
 from vllm_partial_kv import formats, planner
 from vllm_partial_kv.capture import why_not_captured
-from vllm_partial_kv.config import PartialKVConfig, parse_config
+from vllm_partial_kv.config import ConfigError, PartialKVConfig, parse_config
 from vllm_partial_kv.fp8_copies import staging_bytes as fp8_staging_bytes
 from vllm_partial_kv.kernels import SPLIT_ROWS
 from vllm_partial_kv.profiler import device_peak_bytes
@@ -49,6 +49,19 @@ def model_shape(vllm_config, block_size: int | None = None) -> planner.ModelShap
         act_shards=activation_shards(vllm_config),
         host_format=parse_config(extra_config(vllm_config)).host_format if uses_this_connector(vllm_config) else "auto",
     )
+
+
+def check_storage_parallelism(vllm_config, cfg: PartialKVConfig) -> None:
+    """The storage tier runs with one worker: under tensor or pipeline parallelism each rank would
+    read its files and start its restore when its own reads finish, out of step with the joins and
+    agreements the ranks' restores need."""
+    parallel = vllm_config.parallel_config
+    if cfg.storage_dir and parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+        raise ConfigError(
+            "storage_dir: the storage tier runs with tensor_parallel_size and pipeline_parallel_size 1 "
+            f"(got {parallel.tensor_parallel_size} and {parallel.pipeline_parallel_size}); unset storage_dir "
+            "to offload to host memory only"
+        )
 
 
 def served_layout(cfg: PartialKVConfig, with_act: bool) -> str:
