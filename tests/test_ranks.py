@@ -65,6 +65,7 @@ def _connector(rank: int, ranks, fail_layer: int | None):
     conn = object.__new__(PartialKVWorker)
     conn.cfg = parse_config({"recompute_ratio": 1.0})
     conn.with_act = conn.recomputes = True
+    conn.storage = None
     conn.runtime = rt
     conn._ranks = ranks
     conn._faults = RestoreFaults()
