@@ -42,8 +42,9 @@ $(V026_STAMP):
 	rm -f $(V026)/.installed-*
 	touch $@
 
+# What does not depend on the vLLM version (marked `once`) ran in `make test` already.
 test-vllm026: $(V026_STAMP)
-	$(V026_PY) -m pytest -ra
+	$(V026_PY) -m pytest -ra -m 'not once'
 
 # On demand, not in CI: the touch-point check against the newest vLLM on PyPI (its wheel, read, not
 # installed; cached in ~/.cache/vllm_partial_kv/wheels), to see what the next release breaks.

@@ -40,7 +40,7 @@ DIVISIBLE = ("hidden", "stride_x", "stride_wk", "stride_wv", "stride_cs", "strid
 def compile_sm90(config: triton.Config, flags: dict, projected: bool) -> dict:
     kernel = triton_recompute._recompute_kv_kernel
     constexprs = dict(HEAD=128, HEAD_PAD=128, ROT_DIM=128, HAS_BK=flags["HAS_KNORM"], HAS_BV=flags["HAS_KNORM"],
-                      FP8_MAX=0.0, DOT_PRECISION="tf32", DOT_F32=False, c_s3=1, PROJECTED=projected, **flags,
+                      FP8_MAX=0.0, DOT_PRECISION="tf32", DOT_F32=False, c_s3=1, PROJECTED=projected, X_SCALED=False, **flags,
                       **config.kwargs)
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -119,6 +119,7 @@ def test_profile_prints_a_summary(tiny_model, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.spawn
+@pytest.mark.once  # the demo runs the main CPU build, which `make demo` installs
 def test_demo_end_to_end():
     """`vllm-partial-kv demo`: a real server restores an evicted conversation (1-2 minutes)."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}

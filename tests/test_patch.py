@@ -20,6 +20,7 @@ needs_patch = pytest.mark.skipif(shutil.which("patch") is None, reason="needs th
 
 
 @needs_patch
+@pytest.mark.once  # each release's files come from its wheel, not the installed vLLM
 @pytest.mark.parametrize("release", RELEASES)
 def test_patch_applies_without_fuzz_or_offset(release):
     """The release's files from its wheel (downloaded once into the wheel cache), or the installed

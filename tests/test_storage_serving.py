@@ -13,7 +13,8 @@ import pytest
 from test_serving import BLOCK_SIZE, _chat, _client, _messages, _plugin, _server, _text
 from vllm_partial_kv.server import metric_sum
 
-pytestmark = pytest.mark.spawn
+# Once per CI run: the in-process engine tests (tests/test_storage_engine.py) cover each vLLM version.
+pytestmark = [pytest.mark.spawn, pytest.mark.once]
 
 CONVERSATIONS = 6
 TURNS = 3

@@ -7,6 +7,7 @@ import random
 
 import pytest
 from conftest import drop_parallel_groups, make_llm
+from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
 
 from vllm_partial_kv.tiny_models import ARCHS, make_tiny_model
 
@@ -77,6 +78,7 @@ def test_vllm_greedy_is_stable_full_length_and_matches_transformers(tiny_model, 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     drop_parallel_groups()
+    ensure_kv_transfer_shutdown()  # an earlier module's connector: these engines run without the plugin
     llm = make_llm(path)
     cold = llm.generate(inputs, params, use_tqdm=False)
     warm = llm.generate(inputs, params, use_tqdm=False)
@@ -100,6 +102,7 @@ def test_two_engines_agree(tiny_model):
     prompts = ["Zaiba kou mipa dou, " * 20, "Tekou ri zova? " * 30]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     runs = []
+    ensure_kv_transfer_shutdown()  # an earlier module's connector: these engines run without the plugin
     for _ in range(2):
         llm = make_llm(path)
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])

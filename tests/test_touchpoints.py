@@ -9,6 +9,9 @@ import pytest
 
 from vllm_partial_kv import touchpoints
 
+# Reads wheels' source, never the installed vLLM: the same on every vLLM, so run once per CI run.
+pytestmark = pytest.mark.once
+
 PINNED = "0.34.0"
 
 
