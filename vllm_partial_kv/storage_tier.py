@@ -242,12 +242,12 @@ class WorkerTier:
                 pending.reads.append(self.io.read(f.block_hash, f.slot, f.with_kv, f.with_act, section))
         self.pending[spec.req_id] = pending
 
-    def ready(self, wait: bool) -> list[tuple[object, list[int]]]:
-        """Restores whose reads all ended (every one of them with `wait`): each spec cut at its first
-        block that could not be read, with the GPU blocks from there on (load errors)."""
+    def ready(self) -> list[tuple[object, list[int]]]:
+        """Restores whose reads all ended: each spec cut at its first block that could not be read,
+        with the GPU blocks from there on (load errors)."""
         out = []
         for req_id, p in list(self.pending.items()):
-            if not wait and not all(r.done() for r in p.reads):
+            if not all(r.done() for r in p.reads):
                 continue
             del self.pending[req_id]
             ok = p.first_fetch

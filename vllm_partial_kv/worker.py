@@ -258,10 +258,9 @@ class PartialKVWorker:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Asynchronous loads whose restore has completed on the device. Restores whose storage
-        reads have ended are issued here (all at once under tensor parallelism: every rank must
-        issue the same restores in the same call)."""
+        reads have ended are issued here (the tier runs with one worker: deployment.py)."""
         if self.storage is not None and self.storage.pending:
-            ready = self.storage.ready(wait=self._ranks is not None)
+            ready = self.storage.ready()
             for spec, failed in ready:
                 self._failed_blocks |= set(failed)
                 if not spec.block_ids:
